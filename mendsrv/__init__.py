@@ -1,0 +1,3 @@
+"""mendsrv: the Mend Media Processing Engine."""
+
+__version__ = "0.1.0"

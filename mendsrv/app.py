@@ -1,0 +1,58 @@
+"""The app factory: ``create_app(config) -> web.Application``.
+
+Resources are opened and closed in ``cleanup_ctx`` generators, in order: store,
+storage, dispatcher. No module-level singletons.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from . import http
+from .config import Config
+from .keys import API_KEYS, CONFIG, DISPATCHER, NODE, REGISTRY, STORAGE, STORE
+from .ops import REGISTRY as ALL_OPERATIONS
+from .pool import Dispatcher, default_node_id
+from .storage import open_storage
+from .store import open_store
+
+log = logging.getLogger("mendsrv.app")
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    app[STORE] = await open_store(cfg.store.url or cfg.store.path)
+    yield
+    await app[STORE].close()
+
+
+async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[STORAGE] = await open_storage(app[CONFIG].storage)
+    yield
+    await app[STORAGE].close()
+
+
+async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    dispatcher = Dispatcher(cfg, app[STORE], app[STORAGE], app[REGISTRY], app[NODE])
+    await dispatcher.start()
+    app[DISPATCHER] = dispatcher
+    yield
+    await dispatcher.stop(cfg.server.shutdown_timeout_s)
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[http.request_id_middleware, http.error_middleware, http.auth_middleware],
+    )
+    app[CONFIG] = config
+    app[API_KEYS] = [k.encode() for k in config.auth.api_keys]
+    app[REGISTRY] = ALL_OPERATIONS
+    app[NODE] = config.server.node_id or default_node_id()
+    app.cleanup_ctx.extend([_store_ctx, _storage_ctx, _dispatcher_ctx])
+    http.setup_routes(app)
+    return app

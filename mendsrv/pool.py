@@ -1,0 +1,421 @@
+"""The dispatcher and the worker pool.
+
+Two lanes claim pending jobs in FIFO order: the ``cpu`` lane runs pyvips operations
+in a ``ProcessPoolExecutor`` (spawn context: forking an initialised libvips can hang),
+the ``ffmpeg`` lane runs coroutines that drive ffmpeg children. Downloads and uploads
+are asyncio steps around the CPU work, so a lane may hold a few more jobs than it has
+processes: the next source is fetched while the CPU is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import posixpath
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import JobFailed, SourceNotFound, StorageError
+from .models import Event, Job, Status
+from .ops.base import Limits, Operation, Resource, RunContext
+from .retry import RetryPolicy
+from .storage import Storage
+from .store import Store, TransitionError
+
+log = logging.getLogger("mendsrv.pool")
+
+_PID_FILE = ".worker-pid"
+
+
+# --- worker process side -----------------------------------------------------------------
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    from .ops.image import block_untrusted
+
+    block_untrusted()
+
+
+def _worker_run(op_name: str, src: str, dst: str, params: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Entry point in a worker process: look the operation up and run it."""
+    Path(dst).parent.joinpath(_PID_FILE).write_text(str(os.getpid()))
+    from .ops import REGISTRY
+
+    op = REGISTRY[op_name]
+    model = op.model.model_validate(params)
+    result = op.run(src, dst, model, lambda *_: None, ctx)
+    assert isinstance(result, dict)
+    return result
+
+
+# --- event-loop side ----------------------------------------------------------------------
+
+
+@dataclass
+class _Running:
+    job: Job
+    task: asyncio.Task[None]
+    cancel_reason: str | None = None  # "user" | "shutdown"
+
+
+class JobTimeout(JobFailed):
+    """The job ran past workers.job_timeout_s."""
+
+
+class Dispatcher:
+    """Claims pending jobs and runs them; owns every task it starts."""
+
+    def __init__(self, cfg: Config, store: Store, storage: Storage, registry: dict[str, Operation], node: str):
+        self.cfg = cfg
+        self.store = store
+        self.storage = storage
+        self.registry = registry
+        self.node = node
+        self.processes = cfg.worker_processes
+        self.retry = RetryPolicy(cfg.workers.max_attempts, base=cfg.workers.retry_base_s, factor=2.0, cap=300.0)
+        self.limits = Limits(
+            max_source_bytes=cfg.limits.max_source_bytes,
+            max_input_pixels=cfg.limits.max_input_pixels,
+            max_output_pixels=cfg.limits.max_output_pixels,
+            max_frames=cfg.limits.max_frames,
+            max_duration_s=cfg.limits.max_duration_s,
+        )
+        self.ffmpeg = cfg.workers.ffmpeg_path or _bundled_ffmpeg()
+        self.temp_root = cfg.storage.temp_dir or tempfile.gettempdir()
+        self._executor: ProcessPoolExecutor | None = None
+        self._cpu = asyncio.Semaphore(self.processes)
+        self._ffmpeg = asyncio.Semaphore(cfg.workers.ffmpeg_jobs)
+        self._wake = {r.value: asyncio.Event() for r in Resource}
+        self._running: dict[str, _Running] = {}
+        self._lanes: list[asyncio.Task[None]] = []
+        self._killed_pids: set[int] = set()
+        self._stopping = False
+
+    # --- life cycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        requeued, failed = await self.store.recover(self.cfg.workers.max_attempts, node=None)
+        if requeued or failed:
+            log.warning("recovered interrupted jobs", extra={"requeued": requeued, "failed": failed})
+        self._executor = self._new_executor()
+        self.store.add_listener(self._on_event)
+        lane_slots = {Resource.CPU: self.processes * 2, Resource.FFMPEG: self.cfg.workers.ffmpeg_jobs}
+        for resource, slots in lane_slots.items():
+            self._lanes.append(asyncio.create_task(self._lane(resource, slots), name=f"lane-{resource.value}"))
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+        )
+
+    async def stop(self, timeout: float) -> None:
+        """Stop claiming; let running jobs finish within ``timeout``; requeue the rest."""
+        self._stopping = True
+        self.store.remove_listener(self._on_event)
+        for lane in self._lanes:
+            lane.cancel()
+        await asyncio.gather(*self._lanes, return_exceptions=True)
+        tasks = [r.task for r in self._running.values()]
+        if tasks:
+            log.info("waiting for running jobs", extra={"jobs": len(tasks), "timeout_s": timeout})
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for running in list(self._running.values()):
+                if running.task in pending:
+                    running.cancel_reason = "shutdown"
+                    running.task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=10)
+        if self._executor is not None:
+            self._kill_workers(self._executor)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def _kill_workers(self, executor: ProcessPoolExecutor) -> None:
+        for proc in list(getattr(executor, "_processes", {}).values()):
+            with contextlib.suppress(Exception):
+                proc.kill()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def healthy(self) -> bool:
+        return not self._stopping and all(not lane.done() for lane in self._lanes)
+
+    # --- events --------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind != "status":
+            return
+        status = event.data.get("status")
+        if status == Status.PENDING.value:
+            resource = self.registry.get(event.data.get("type", ""))
+            if resource is not None:
+                self._wake[resource.resource.value].set()
+        elif status == Status.CANCELLED.value:
+            running = self._running.get(event.job_id)
+            if running is not None and running.cancel_reason is None:
+                running.cancel_reason = "user"
+                running.task.cancel()
+
+    def wake(self) -> None:
+        for event in self._wake.values():
+            event.set()
+
+    # --- lanes ---------------------------------------------------------------------
+
+    async def _lane(self, resource: Resource, slots: int) -> None:
+        free = asyncio.Semaphore(slots)
+        wake = self._wake[resource.value]
+        interval = self.cfg.workers.poll_interval_s
+        while not self._stopping:
+            await free.acquire()
+            try:
+                job = await self.store.claim(resource.value, self.node)
+            except Exception:
+                free.release()
+                log.exception("claiming a job failed; retrying")
+                await asyncio.sleep(interval)
+                continue
+            if job is None:
+                free.release()
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=interval)
+                continue
+            task = asyncio.create_task(self._execute(job), name=f"job-{job.id}")
+            self._running[job.id] = _Running(job, task)
+            task.add_done_callback(lambda t, job_id=job.id: self._done(job_id, t, free))
+
+    def _done(self, job_id: str, task: asyncio.Task[None], free: asyncio.Semaphore) -> None:
+        self._running.pop(job_id, None)
+        free.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job task crashed", exc_info=task.exception(), extra={"job_id": job_id})
+
+    # --- one job -------------------------------------------------------------------
+
+    async def _execute(self, job: Job) -> None:
+        op = self.registry.get(job.type)
+        started = time.monotonic()
+        extra = {"job_id": job.id, "type": job.type, "request_id": job.request_id, "attempt": job.attempts}
+        log.info("job processing", extra=extra | {"status": "processing"})
+        workdir = tempfile.mkdtemp(prefix=f"mend-{job.id[:8]}-", dir=self.temp_root)
+        try:
+            if op is None:
+                raise JobFailed(f"operation {job.type} is not available on this server")
+            result = await asyncio.wait_for(self._work(job, op, workdir), timeout=self.cfg.workers.job_timeout_s)
+        except asyncio.CancelledError:
+            reason = self._running[job.id].cancel_reason if job.id in self._running else None
+            if reason == "shutdown":
+                await self._finish(self.store.requeue(job.id, refund=True), extra)
+                log.info("job requeued on shutdown", extra=extra | {"status": "pending"})
+            elif reason != "user":
+                raise
+            else:
+                log.info("job cancelled", extra=extra | {"status": "cancelled"})
+            return
+        except TimeoutError:
+            self._kill_job_worker(workdir)
+            limit = self.cfg.workers.job_timeout_s
+            await self._finish(
+                self.store.fail(job.id, f"the job ran longer than {limit:g} s and was stopped (workers.job_timeout_s)"),
+                extra,
+            )
+            log.warning("job timed out", extra=extra | {"status": "failed"})
+            return
+        except BrokenProcessPool:
+            await self._worker_died(job, workdir, extra)
+            return
+        except SourceNotFound as exc:
+            await self._finish(self.store.fail(job.id, exc.message), extra)
+            log.info("job failed", extra=extra | {"status": "failed", "error": exc.message})
+            return
+        except StorageError as exc:
+            await self._transient(job, exc.message, extra)
+            return
+        except JobFailed as exc:
+            await self._finish(self.store.fail(job.id, exc.message), extra)
+            log.info("job failed", extra=extra | {"status": "failed", "error": exc.message})
+            return
+        except Exception:
+            log.exception("job crashed", extra=extra)
+            await self._finish(
+                self.store.fail(job.id, f"internal error while processing the job; the server log has details (job {job.id})"),
+                extra,
+            )
+            return
+        finally:
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+        await self._finish(self.store.complete(job.id, result), extra)
+        log.info(
+            "job completed", extra=extra | {"status": "completed", "duration_s": round(time.monotonic() - started, 3)}
+        )
+
+    async def _finish(self, write: Any, extra: dict[str, Any]) -> None:
+        """A terminal write that a cancelled request or shutdown cannot interrupt."""
+        try:
+            await asyncio.shield(write)
+        except TransitionError as exc:  # e.g. cancelled by the user meanwhile
+            log.info("job state changed meanwhile", extra=extra | {"detail": exc.message})
+
+    async def _transient(self, job: Job, message: str, extra: dict[str, Any]) -> None:
+        if job.attempts < self.retry.max_attempts:
+            delay = self.retry.delay(job.attempts)
+            await self._finish(self.store.requeue(job.id, refund=False, delay_s=delay, error=message), extra)
+            log.warning("job will be retried", extra=extra | {"error": message, "delay_s": delay})
+            self._wake[self.registry[job.type].resource.value].set()
+        else:
+            await self._finish(self.store.fail(job.id, f"{message} (after {job.attempts} attempts)"), extra)
+
+    async def _worker_died(self, job: Job, workdir: str, extra: dict[str, Any]) -> None:
+        broken = self._executor
+        culprit = self._was_culprit(broken, workdir)
+        if broken is not None and broken is self._executor and not self._stopping:
+            self._executor = self._new_executor()
+            log.warning("worker process died; pool rebuilt", extra=extra)
+        if not culprit:
+            await self._finish(self.store.requeue(job.id, refund=True), extra)
+            return
+        if job.attempts < self.retry.max_attempts:
+            await self._finish(self.store.requeue(job.id, refund=False, delay_s=self.retry.delay(job.attempts)), extra)
+        else:
+            await self._finish(
+                self.store.fail(
+                    job.id,
+                    f"the worker process died while processing this job {job.attempts} times "
+                    "(out of memory or a crash in the decoder); check the input",
+                ),
+                extra,
+            )
+
+    def _was_culprit(self, executor: ProcessPoolExecutor | None, workdir: str) -> bool:
+        """Did this job's own worker die (not one terminated because another died)?"""
+        pid = _read_pid(workdir)
+        if pid is None:
+            return False  # never started: queued behind the crash
+        procs = getattr(executor, "_processes", None) or {}
+        proc = procs.get(pid)
+        if proc is None:
+            return True
+        proc.join(timeout=1)
+        return proc.exitcode not in (None, -signal.SIGTERM)
+
+    def _kill_job_worker(self, workdir: str) -> None:
+        pid = _read_pid(workdir)
+        if pid is not None and self._executor is not None and pid in getattr(self._executor, "_processes", {}):
+            self._killed_pids.add(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    async def _work(self, job: Job, op: Operation, workdir: str) -> dict[str, Any]:
+        p = job.params
+        src_dir = Path(workdir, "src")
+        out_dir = Path(workdir, "out")
+        src_dir.mkdir()
+        out_dir.mkdir()
+        src = str(src_dir / ("source" + _ext(p["source_key"])))
+        dst = str(out_dir / (posixpath.basename(p["dest_key"]) or "output"))
+        max_bytes = self.limits.max_source_bytes
+        await self.storage.download(p["source_bucket"], p["source_key"], src, max_bytes)
+        ctx = RunContext(
+            limits=self.limits, ffmpeg=self.ffmpeg, ffmpeg_threads=self.cfg.workers.ffmpeg_threads,
+            timeout_s=self.cfg.workers.job_timeout_s,
+        )
+        for name, (bucket_field, key_field) in op.extra_sources.items():
+            if p.get(bucket_field) and p.get(key_field):
+                path = str(src_dir / (name + _ext(p[key_field])))
+                await self.storage.download(p[bucket_field], p[key_field], path, max_bytes)
+                ctx.sources[name] = path
+        await self.store.set_progress(job.id, 10, "processing")
+        if op.resource is Resource.CPU:
+            async with self._cpu:
+                executor = self._executor
+                assert executor is not None
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(executor, _worker_run, op.name, src, dst, p, ctx)
+        else:
+            async with self._ffmpeg:
+                model = op.model.model_validate(p)
+                result = await op.run(src, dst, model, self._progress_reporter(job.id), ctx)  # type: ignore[misc]
+        await self.store.set_progress(job.id, 90, "uploading")
+        return await self._upload(job, result, dst)
+
+    def _progress_reporter(self, job_id: str) -> Any:
+        tasks: set[asyncio.Task[Any]] = set()
+        last = {"value": -1.0, "at": 0.0}
+
+        def report(percent: float, phase: str = "processing") -> None:
+            # throttled: at least 1 % and 0.5 s apart; 10-90 is the processing band
+            value = 10 + max(0.0, min(100.0, percent)) * 0.8
+            moment = time.monotonic()
+            if value - last["value"] < 1 or moment - last["at"] < 0.5:
+                return
+            last.update(value=value, at=moment)
+            task = asyncio.ensure_future(self.store.set_progress(job_id, value, phase))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        return report
+
+    async def _upload(self, job: Job, result: dict[str, Any], dst: str) -> dict[str, Any]:
+        p = job.params
+        bucket, key = p["dest_bucket"], p["dest_key"]
+        primary = dict(result.pop("output", {}) or {})
+        extras = result.pop("extra_outputs", []) or []
+        outputs = []
+        # beside-files first, the primary last: a client that sees it sees everything
+        for extra_out in extras:
+            meta = dict(extra_out)
+            name = meta.pop("name")
+            extra_key = posixpath.join(posixpath.dirname(key), name)
+            path = str(Path(dst).parent / name)
+            content_type = meta.pop("content_type", "application/octet-stream")
+            size = await self.storage.upload(bucket, extra_key, path, content_type)
+            outputs.append({"bucket": bucket, "key": extra_key, "size": size, "content_type": content_type, **meta})
+        if not os.path.exists(dst):
+            raise RuntimeError(f"operation {job.type} wrote no output")
+        content_type = primary.pop("content_type", "application/octet-stream")
+        size = await self.storage.upload(bucket, key, dst, content_type)
+        outputs.insert(0, {"bucket": bucket, "key": key, "size": size, "content_type": content_type, **primary})
+        return {"outputs": outputs, **result}
+
+
+def _ext(key: str) -> str:
+    ext = posixpath.splitext(key)[1].lower()
+    return ext if ext.isascii() and len(ext) <= 8 and ext[1:].isalnum() else ""
+
+
+def _read_pid(workdir: str) -> int | None:
+    try:
+        return int(Path(workdir, "out", _PID_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _bundled_ffmpeg() -> str:
+    try:
+        import imageio_ffmpeg
+
+        return str(imageio_ffmpeg.get_ffmpeg_exe())
+    except Exception:  # pragma: no cover - no bundled binary
+        return shutil.which("ffmpeg") or "ffmpeg"
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"

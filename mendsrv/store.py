@@ -1,0 +1,544 @@
+"""The job store: all SQL lives here.
+
+SQLite in WAL mode through aiosqlite. One writer connection, serialised by a lock so
+that each transaction is whole; one reader connection for GETs and listings. Every
+state change is a guarded ``UPDATE … WHERE id=? AND status IN (…)`` that appends a
+``job_events`` row in the same transaction; a terminal transition of a job with a
+webhook also writes its delivery row there (the outbox). Listeners (the EventHub,
+the dispatcher) are told about each event after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from .errors import Conflict, NotFound, QueueFull
+from .models import ACTIVE, TERMINAL, Event, Job, Status, now
+
+log = logging.getLogger("mendsrv.store")
+
+Listener = Callable[[Event], None]
+
+MIGRATIONS: list[str] = [
+    # 1: jobs, their events, webhook deliveries and their attempts
+    """
+    CREATE TABLE jobs (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+        id              TEXT NOT NULL UNIQUE,
+        type            TEXT NOT NULL,
+        resource        TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        progress        REAL NOT NULL DEFAULT 0,
+        params          TEXT NOT NULL,
+        request_id      TEXT,
+        idempotency_key TEXT UNIQUE,
+        body_hash       TEXT,
+        created_at      REAL NOT NULL,
+        started_at      REAL,
+        finished_at     REAL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        error           TEXT,
+        result          TEXT,
+        webhook_url     TEXT,
+        webhook_style   TEXT NOT NULL DEFAULT 'default',
+        run_after       REAL NOT NULL DEFAULT 0,
+        node            TEXT
+    );
+    CREATE INDEX jobs_claim ON jobs (status, resource, seq);
+    CREATE INDEX jobs_type ON jobs (type, seq);
+    CREATE INDEX jobs_request ON jobs (request_id, seq);
+    CREATE TABLE job_events (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id  TEXT NOT NULL,
+        kind    TEXT NOT NULL,
+        data    TEXT NOT NULL,
+        at      REAL NOT NULL
+    );
+    CREATE INDEX job_events_job ON job_events (job_id, id);
+    CREATE TABLE deliveries (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id          TEXT NOT NULL,
+        event_id        INTEGER NOT NULL,
+        event           TEXT NOT NULL,
+        url             TEXT NOT NULL,
+        style           TEXT NOT NULL,
+        state           TEXT NOT NULL DEFAULT 'pending',
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        created_at      REAL NOT NULL
+    );
+    CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at);
+    CREATE INDEX deliveries_job ON deliveries (job_id);
+    CREATE TABLE delivery_attempts (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        delivery_id   INTEGER NOT NULL,
+        job_id        TEXT NOT NULL,
+        attempt       INTEGER NOT NULL,
+        at            REAL NOT NULL,
+        status_code   INTEGER,
+        error         TEXT,
+        next_retry_at REAL
+    );
+    CREATE INDEX delivery_attempts_job ON delivery_attempts (job_id, id);
+    """,
+]
+
+_JOB_COLUMNS = (
+    "seq, id, type, resource, status, progress, params, request_id, created_at, started_at, "
+    "finished_at, attempts, error, result, webhook_url, webhook_style, run_after, node"
+)
+
+
+def _loads(value: str | bytes | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
+def _job(row: Any) -> Job:
+    return Job(
+        seq=row[0], id=row[1], type=row[2], resource=row[3], status=Status(row[4]),
+        progress=row[5], params=orjson.loads(row[6]), request_id=row[7], created_at=row[8],
+        started_at=row[9], finished_at=row[10], attempts=row[11], error=row[12],
+        result=_loads(row[13]), webhook_url=row[14], webhook_style=row[15], run_after=row[16],
+        node=row[17],
+    )
+
+
+class TransitionError(Conflict):
+    """The job is not in a state that allows this."""
+
+
+class Store:
+    """SQLite job store. Use ``await Store.open(path)``; ``await store.close()``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._w: aiosqlite.Connection | None = None
+        self._r: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._listeners: list[Listener] = []
+
+    # --- life cycle ----------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str) -> Store:
+        store = cls(path)
+        await store._open()
+        return store
+
+    async def _open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._w = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._w.execute("PRAGMA journal_mode=WAL")
+        await self._w.execute("PRAGMA synchronous=NORMAL")
+        await self._w.execute("PRAGMA busy_timeout=5000")
+        await self._migrate()
+        self._r = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._r.execute("PRAGMA busy_timeout=5000")
+        await self._r.execute("PRAGMA query_only=1")
+
+    async def _migrate(self) -> None:
+        w = self._w
+        assert w is not None
+        await w.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        async with w.execute("SELECT version FROM schema_version") as cur:
+            row = await cur.fetchone()
+        version = row[0] if row else 0
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"database {self.path} has schema version {version}, newer than this mendsrv ({len(MIGRATIONS)})"
+            )
+        for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+            await w.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, sql.split(";")):
+                    await w.execute(statement)
+                await w.execute("DELETE FROM schema_version")
+                await w.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+                await w.execute("COMMIT")
+            except BaseException:
+                await w.execute("ROLLBACK")
+                raise
+            log.info("store migrated", extra={"schema_version": number})
+
+    async def close(self) -> None:
+        for conn in (self._r, self._w):
+            if conn is not None:
+                await conn.close()
+        self._r = self._w = None
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _notify(self, events: Iterable[Event]) -> None:
+        for event in events:
+            for listener in list(self._listeners):
+                try:
+                    listener(event)
+                except Exception:  # a listener must never break a transition
+                    log.exception("event listener failed")
+
+    # --- helpers -------------------------------------------------------------------
+
+    async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        assert self._r is not None, "store is closed"
+        async with self._r.execute(sql, args) as cur:
+            return list(await cur.fetchall())
+
+    async def _write(self, fn: Callable[[aiosqlite.Connection], Any]) -> Any:
+        """Run ``fn(conn)`` (a coroutine function) as one IMMEDIATE transaction.
+
+        ``fn`` returns ``(value, events)``; listeners hear of the events after the commit.
+
+        Shielded: a caller that is cancelled gets CancelledError, but the transaction
+        still runs to its COMMIT or ROLLBACK, so the connection is never left inside one.
+        """
+        return await asyncio.shield(self._transaction(fn))
+
+    async def _transaction(self, fn: Callable[[aiosqlite.Connection], Any]) -> Any:
+        assert self._w is not None, "store is closed"
+        async with self._lock:
+            await self._w.execute("BEGIN IMMEDIATE")
+            try:
+                result = await fn(self._w)
+            except BaseException:
+                await self._w.execute("ROLLBACK")
+                raise
+            await self._w.execute("COMMIT")
+        value, events = result
+        self._notify(events)
+        return value
+
+    @staticmethod
+    async def _one(conn: aiosqlite.Connection, sql: str, args: tuple[Any, ...]) -> Any:
+        async with conn.execute(sql, args) as cur:
+            return await cur.fetchone()
+
+    @staticmethod
+    async def _add_event(conn: aiosqlite.Connection, job_id: str, kind: str, data: dict[str, Any], terminal: bool = False) -> Event:
+        async with conn.execute(
+            "INSERT INTO job_events (job_id, kind, data, at) VALUES (?, ?, ?, ?)",
+            (job_id, kind, orjson.dumps(data), now()),
+        ) as cur:
+            event_id = cur.lastrowid
+        assert event_id is not None
+        return Event(id=event_id, job_id=job_id, kind=kind, data=data, terminal=terminal)
+
+    async def _transition(
+        self,
+        job_id: str,
+        allowed: Iterable[Status],
+        to: Status,
+        sets: str = "",
+        args: tuple[Any, ...] = (),
+    ) -> Job:
+        """``UPDATE jobs SET status=to, … WHERE id=? AND status IN allowed`` + its event."""
+        allowed = tuple(allowed)
+        marks = ",".join("?" * len(allowed))
+        sql = (
+            f"UPDATE jobs SET status = ?{', ' + sets if sets else ''} "
+            f"WHERE id = ? AND status IN ({marks}) RETURNING {_JOB_COLUMNS}"
+        )
+
+        async def tx(conn: aiosqlite.Connection) -> tuple[Job, list[Event]]:
+            row = await self._one(conn, sql, (to.value, *args, job_id, *(s.value for s in allowed)))
+            if row is None:
+                current = await self._one(conn, "SELECT status FROM jobs WHERE id = ?", (job_id,))
+                if current is None:
+                    raise NotFound(f"job {job_id} not found")
+                raise TransitionError(f"job {job_id} is {current[0]}; it cannot become {to.value}")
+            job = _job(row)
+            events = [await self._add_event(conn, job.id, "status", job.resource_dict(), to in TERMINAL)]
+            if to in TERMINAL and job.webhook_url:
+                await conn.execute(
+                    "INSERT INTO deliveries (job_id, event_id, event, url, style, next_attempt_at, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job.id, events[0].id, f"job.{to.value}", job.webhook_url, job.webhook_style, now(), now()),
+                )
+            return job, events
+
+        return await self._write(tx)
+
+    # --- jobs ----------------------------------------------------------------------
+
+    async def insert_job(
+        self,
+        *,
+        job_id: str,
+        type: str,
+        resource: str,
+        params: dict[str, Any],
+        request_id: str | None,
+        webhook_url: str | None,
+        webhook_style: str,
+        idempotency_key: str | None = None,
+        body_hash: str | None = None,
+        max_queue: int | None = None,
+    ) -> tuple[Job, bool]:
+        """Insert a pending job; returns (job, created). Committed when this returns."""
+        created_at = now()
+
+        async def tx(conn: aiosqlite.Connection) -> tuple[Job, list[Event]]:
+            if idempotency_key is not None:
+                row = await self._one(
+                    conn, f"SELECT {_JOB_COLUMNS}, body_hash FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                )
+                if row is not None:
+                    if row[-1] != body_hash:
+                        raise Conflict("this Idempotency-Key was already used with a different request")
+                    return _job(row[:-1]), []
+            if max_queue is not None:
+                row = await self._one(conn, "SELECT count(*) FROM jobs WHERE status = 'pending'", ())
+                if row[0] >= max_queue:
+                    raise QueueFull(f"the queue is full ({max_queue} pending jobs); retry later")
+            row = await self._one(
+                conn,
+                "INSERT INTO jobs (id, type, resource, status, params, request_id, idempotency_key, body_hash, "
+                "created_at, webhook_url, webhook_style) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?) "
+                f"RETURNING {_JOB_COLUMNS}",
+                (job_id, type, resource, orjson.dumps(params), request_id, idempotency_key, body_hash,
+                 created_at, webhook_url, webhook_style),
+            )
+            job = _job(row)
+            return job, [await self._add_event(conn, job.id, "status", job.resource_dict())]
+
+        async def tx_created(conn: aiosqlite.Connection) -> tuple[tuple[Job, bool], list[Event]]:
+            job, events = await tx(conn)
+            return (job, bool(events)), events
+
+        return await self._write(tx_created)
+
+    async def get_job(self, job_id: str) -> Job | None:
+        rows = await self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    async def list_jobs(
+        self,
+        *,
+        status: str | None = None,
+        type: str | None = None,
+        request_id: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> list[Job]:
+        """Newest first; page with ``before_seq`` = the last seq seen."""
+        where, args = [], []
+        for column, value in (("status", status), ("type", type), ("request_id", request_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if before_seq is not None:
+            where.append("seq < ?")
+            args.append(before_seq)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._read(
+            f"SELECT {_JOB_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*args, limit)
+        )
+        return [_job(r) for r in rows]
+
+    async def count_by_status(self) -> dict[str, int]:
+        rows = await self._read("SELECT status, count(*) FROM jobs GROUP BY status")
+        return {status.value: 0 for status in Status} | {r[0]: r[1] for r in rows}
+
+    async def claim(self, resource: str, node: str) -> Job | None:
+        """Move the oldest due pending job of ``resource`` to processing."""
+
+        async def tx(conn: aiosqlite.Connection) -> tuple[Job | None, list[Event]]:
+            row = await self._one(
+                conn,
+                "UPDATE jobs SET status = 'processing', started_at = ?, attempts = attempts + 1, "
+                "progress = 0, node = ? WHERE seq = (SELECT seq FROM jobs WHERE status = 'pending' "
+                "AND resource = ? AND run_after <= ? ORDER BY seq LIMIT 1) AND status = 'pending' "
+                f"RETURNING {_JOB_COLUMNS}",
+                (now(), node, resource, now()),
+            )
+            if row is None:
+                return None, []
+            job = _job(row)
+            return job, [await self._add_event(conn, job.id, "status", job.resource_dict())]
+
+        return await self._write(tx)
+
+    async def next_due(self, resource: str) -> float | None:
+        """When the earliest pending job of ``resource`` becomes due (None: none pending)."""
+        rows = await self._read(
+            "SELECT min(run_after) FROM jobs WHERE status = 'pending' AND resource = ?", (resource,)
+        )
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    async def set_progress(self, job_id: str, progress: float, phase: str) -> Event | None:
+        """Record progress of a processing job (no status change)."""
+
+        async def tx(conn: aiosqlite.Connection) -> tuple[Event | None, list[Event]]:
+            async with conn.execute(
+                "UPDATE jobs SET progress = ? WHERE id = ? AND status = 'processing'", (progress, job_id)
+            ) as cur:
+                if cur.rowcount == 0:
+                    return None, []
+            data = {"job_id": job_id, "progress": int(round(progress)), "phase": phase}
+            event = await self._add_event(conn, job_id, "progress", data)
+            return event, [event]
+
+        return await self._write(tx)
+
+    async def complete(self, job_id: str, result: dict[str, Any]) -> Job:
+        return await self._transition(
+            job_id, [Status.PROCESSING], Status.COMPLETED,
+            "progress = 100, finished_at = ?, result = ?, error = NULL", (now(), orjson.dumps(result)),
+        )
+
+    async def fail(self, job_id: str, error: str, *, allowed: Iterable[Status] = (Status.PROCESSING,)) -> Job:
+        return await self._transition(
+            job_id, allowed, Status.FAILED, "finished_at = ?, error = ?", (now(), error)
+        )
+
+    async def cancel(self, job_id: str) -> Job:
+        try:
+            return await self._transition(
+                job_id, ACTIVE, Status.CANCELLED, "finished_at = ?, error = ?", (now(), "cancelled by request")
+            )
+        except TransitionError as exc:
+            raise TransitionError(f"{exc.message.split(';')[0]}; only pending or processing jobs can be cancelled") from None
+
+    async def retry(self, job_id: str) -> Job:
+        try:
+            return await self._transition(
+                job_id, [Status.FAILED, Status.CANCELLED], Status.PENDING,
+                "progress = 0, attempts = 0, error = NULL, result = NULL, started_at = NULL, "
+                "finished_at = NULL, run_after = 0",
+            )
+        except TransitionError as exc:
+            raise TransitionError(f"{exc.message.split(';')[0]}; only failed or cancelled jobs can be retried") from None
+
+    async def requeue(self, job_id: str, *, refund: bool, delay_s: float = 0.0, error: str | None = None) -> Job:
+        """processing -> pending: after a transient failure, or on shutdown (refund the attempt)."""
+        return await self._transition(
+            job_id, [Status.PROCESSING], Status.PENDING,
+            f"progress = 0, started_at = NULL, node = NULL, run_after = ?, error = ?"
+            f"{', attempts = max(attempts - 1, 0)' if refund else ''}",
+            (now() + delay_s, error),
+        )
+
+    async def recover(self, max_attempts: int, node: str | None = None) -> tuple[int, int]:
+        """Jobs left processing by a crash: back to pending, or failed past max_attempts.
+
+        Returns (requeued, failed).
+        """
+        clause, args = ("AND node = ?", (node,)) if node else ("", ())
+        rows = await self._read(f"SELECT id, attempts FROM jobs WHERE status = 'processing' {clause}", args)
+        requeued = failed = 0
+        for job_id, attempts in rows:
+            try:
+                if attempts >= max_attempts:
+                    await self.fail(
+                        job_id,
+                        f"the job was interrupted {attempts} times (server crash or restart while it ran), "
+                        f"reaching workers.max_attempts = {max_attempts}; retry it if the input is sound",
+                    )
+                    failed += 1
+                else:
+                    await self.requeue(job_id, refund=False, error=None)
+                    requeued += 1
+            except TransitionError:
+                continue
+        return requeued, failed
+
+    # --- events --------------------------------------------------------------------
+
+    async def events_after(self, job_id: str, after_id: int = 0) -> list[Event]:
+        rows = await self._read(
+            "SELECT id, kind, data FROM job_events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after_id)
+        )
+        events = []
+        for event_id, kind, data in rows:
+            payload = orjson.loads(data)
+            terminal = kind == "status" and payload.get("status") in {s.value for s in TERMINAL}
+            events.append(Event(id=event_id, job_id=job_id, kind=kind, data=payload, terminal=terminal))
+        return events
+
+    # --- webhook deliveries ------------------------------------------------------------
+
+    async def due_deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = await self._read(
+            "SELECT d.id, d.job_id, d.event, d.url, d.style, d.attempts, e.data FROM deliveries d "
+            "JOIN job_events e ON e.id = d.event_id WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
+            "ORDER BY d.next_attempt_at LIMIT ?",
+            (now(), limit),
+        )
+        return [
+            {"id": r[0], "job_id": r[1], "event": r[2], "url": r[3], "style": r[4], "attempts": r[5],
+             "job": orjson.loads(r[6])}
+            for r in rows
+        ]
+
+    async def next_delivery_at(self) -> float | None:
+        rows = await self._read("SELECT min(next_attempt_at) FROM deliveries WHERE state = 'pending'")
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    async def record_attempt(
+        self,
+        delivery_id: int,
+        *,
+        status_code: int | None,
+        error: str | None,
+        delivered: bool,
+        next_retry_at: float | None,
+    ) -> None:
+        """Store one delivery attempt; next_retry_at None and not delivered = given up."""
+
+        async def tx(conn: aiosqlite.Connection) -> tuple[None, list[Event]]:
+            row = await self._one(
+                conn,
+                "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ? "
+                "WHERE id = ? AND state = 'pending' RETURNING job_id, attempts",
+                ("delivered" if delivered else ("pending" if next_retry_at else "failed"),
+                 next_retry_at or now(), delivery_id),
+            )
+            if row is None:
+                return None, []
+            await conn.execute(
+                "INSERT INTO delivery_attempts (delivery_id, job_id, attempt, at, status_code, error, next_retry_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (delivery_id, row[0], row[1], now(), status_code, error, next_retry_at),
+            )
+            return None, []
+
+        await self._write(tx)
+
+    async def list_attempts(self, job_id: str) -> list[dict[str, Any]]:
+        rows = await self._read(
+            "SELECT attempt, at, status_code, error, next_retry_at FROM delivery_attempts "
+            "WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+        return [
+            {"attempt": r[0], "at": r[1], "status_code": r[2], "error": r[3], "next_retry_at": r[4]} for r in rows
+        ]
+
+    # --- health --------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._read("SELECT 1")
+
+    async def integrity_check(self) -> str:
+        rows = await self._read("PRAGMA integrity_check")
+        return str(rows[0][0])
+
+
+async def open_store(url_or_path: str) -> Store:
+    path = url_or_path.removeprefix("sqlite:///") if url_or_path.startswith("sqlite:///") else url_or_path
+    if path != ":memory:":
+        path = os.path.abspath(path)
+    return await Store.open(path)
