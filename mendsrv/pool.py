@@ -31,7 +31,7 @@ from .errors import JobFailed, SourceNotFound, StorageError
 from .models import Event, Job, Status
 from .ops.base import Limits, Operation, Resource, RunContext
 from .retry import RetryPolicy
-from .storage import Storage
+from .storage import DISK_FULL, Storage
 from .store import Store, TransitionError
 
 log = logging.getLogger("mendsrv.pool")
@@ -215,7 +215,12 @@ class Dispatcher:
         started = time.monotonic()
         extra = {"job_id": job.id, "type": job.type, "request_id": job.request_id, "attempt": job.attempts}
         log.info("job processing", extra=extra | {"status": "processing"})
-        workdir = tempfile.mkdtemp(prefix=f"mend-{job.id[:8]}-", dir=self.temp_root)
+        try:
+            workdir = tempfile.mkdtemp(prefix=f"mend-{job.id[:8]}-", dir=self.temp_root)
+        except OSError as exc:
+            # a missing, unwritable or full temp directory: retried, then failed with a sentence
+            await self._transient(job, self._no_room(exc, "create a working directory in"), extra)
+            return
         try:
             if op is None:
                 raise JobFailed(f"operation {job.type} is not available on this server")
@@ -253,7 +258,10 @@ class Dispatcher:
             await self._finish(self.store.fail(job.id, exc.message), extra)
             log.info("job failed", extra=extra | {"status": "failed", "error": exc.message})
             return
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                await self._transient(job, self._no_room(exc, "write the job's files to"), extra)
+                return
             log.exception("job crashed", extra=extra)
             await self._finish(
                 self.store.fail(job.id, f"internal error while processing the job; the server log has details (job {job.id})"),
@@ -274,12 +282,18 @@ class Dispatcher:
         except TransitionError as exc:  # e.g. cancelled by the user meanwhile
             log.info("job state changed meanwhile", extra=extra | {"detail": exc.message})
 
+    def _no_room(self, exc: OSError, doing: str) -> str:
+        where = f"the temp directory {self.temp_root} (storage.temp_dir)"
+        if exc.filename and not os.path.abspath(str(exc.filename)).startswith(os.path.abspath(self.temp_root)):
+            where = "the output storage"
+        return f"cannot {doing} {where}: {exc.strerror or exc}"
+
     async def _transient(self, job: Job, message: str, extra: dict[str, Any]) -> None:
         if job.attempts < self.retry.max_attempts:
             delay = self.retry.delay(job.attempts)
             await self._finish(self.store.requeue(job.id, refund=False, delay_s=delay, error=message), extra)
             log.warning("job will be retried", extra=extra | {"error": message, "delay_s": delay})
-            self._wake[self.registry[job.type].resource.value].set()
+            self._wake[self.registry[job.type].resource.value if job.type in self.registry else job.resource].set()
         else:
             await self._finish(self.store.fail(job.id, f"{message} (after {job.attempts} attempts)"), extra)
 

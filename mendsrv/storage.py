@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import tempfile
@@ -91,9 +92,13 @@ class LocalStorage:
             _copy(src, tmp)
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                raise StorageError(
+                    f"no room to write output object {bucket}/{key} under storage.root: {exc.strerror or exc}"
+                ) from None
             raise
         return target.stat().st_size
 
@@ -158,8 +163,9 @@ class S3Storage:
             return SourceNotFound(f"{what}: bucket does not exist")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(f"{what}: access denied by the storage service ({code})")
-        reason = code or type(exc).__name__
-        return StorageError(f"{what}: the storage service failed after retries ({reason})")
+        if code:
+            return StorageError(f"{what}: the storage service failed after {self.cfg.max_retries} retries ({code})")
+        return StorageError(f"{what}: {_connection_trouble(exc)} after {self.cfg.max_retries} retries")
 
     async def download(self, bucket: str, key: str, dest: str, max_bytes: int) -> int:
         what = f"source object {bucket}/{key}"
@@ -180,6 +186,10 @@ class S3Storage:
             return written
         except JobFailed:
             raise
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise temp_dir_full(dest, exc) from None
+            raise self._fail(exc, what) from None
         except Exception as exc:
             raise self._fail(exc, what) from None
 
@@ -227,6 +237,30 @@ class S3Storage:
             await asyncio.wait_for(self._client.list_buckets(), timeout=self.cfg.connect_timeout_s + 2)
         except Exception as exc:
             raise StorageError(f"S3 endpoint unreachable: {_error_code(exc) or type(exc).__name__}") from None
+
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def temp_dir_full(path: str, exc: OSError) -> StorageError:
+    """A write to the staging directory failed for lack of room (retried like any storage fault)."""
+    where = os.path.dirname(os.path.dirname(os.path.dirname(path))) or path
+    return StorageError(
+        f"no room to stage the job's files in the temp directory {where} (storage.temp_dir): "
+        f"{exc.strerror or exc}"
+    )
+
+
+def _connection_trouble(exc: Exception) -> str:
+    """A sentence for a failure that carried no S3 error code (the request got no answer)."""
+    name = type(exc).__name__
+    if name in ("EndpointConnectionError", "ConnectTimeoutError"):
+        return "the storage endpoint could not be reached (storage.endpoint_url)"
+    if name in ("ReadTimeoutError",):
+        return "the storage service did not answer in time (storage.read_timeout_s)"
+    if name in ("ConnectionClosedError", "ResponseStreamingError", "IncompleteReadError", "ProxyConnectionError"):
+        return "the storage service closed the connection"
+    return f"the storage service failed ({name})"
 
 
 def _error_code(exc: Exception) -> str:

@@ -302,7 +302,9 @@ class Store:
             if max_queue is not None:
                 row = await self._one(conn, "SELECT count(*) FROM jobs WHERE status = 'pending'", ())
                 if row[0] >= max_queue:
-                    raise QueueFull(f"the queue is full ({max_queue} pending jobs); retry later")
+                    raise QueueFull(
+                        f"the queue is full: {max_queue} jobs are pending (limits.max_queue); retry later"
+                    )
             row = await self._one(
                 conn,
                 "INSERT INTO jobs (id, type, resource, status, params, request_id, idempotency_key, body_hash, "
