@@ -25,6 +25,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API = "/api/v1"
 MAX_LIMIT = 200
+MAX_DETAILS = 20  # validation details listed in one 400 answer
+MAX_FIELD_NAME = 100  # characters of a field name echoed back
 REQUEST_ID = web.RequestKey("request_id", str)
 
 
@@ -139,8 +141,9 @@ def _body_hash(op_name: str, body: dict[str, Any]) -> str:
 
 def _validation_details(exc: ValidationError) -> list[dict[str, Any]]:
     details = []
-    for err in exc.errors(include_url=False, include_context=False, include_input=False):
-        field = ".".join(str(p) for p in err["loc"]) or "body"
+    # bounded: a hostile body with thousands of unknown (or huge) field names gets a short answer
+    for err in exc.errors(include_url=False, include_context=False, include_input=False)[:MAX_DETAILS]:
+        field = (".".join(str(p) for p in err["loc"]) or "body")[:MAX_FIELD_NAME]
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown field"

@@ -24,7 +24,7 @@ class Resource(str, Enum):
     FFMPEG = "ffmpeg"  # an ffmpeg child process driven from the event loop
 
 
-_BAD_KEY = re.compile(r"[\x00-\x1f\x7f\\]")
+_BAD_KEY = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")  # C0, DEL and C1 controls, backslash
 
 
 def check_key(value: str) -> str:
