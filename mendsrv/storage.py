@@ -144,7 +144,7 @@ class S3Storage:
             kwargs["aws_access_key_id"] = self.cfg.access_key_id
             kwargs["aws_secret_access_key"] = self.cfg.secret_access_key
         config = AioConfig(
-            retries={"max_attempts": self.cfg.max_retries + 1, "mode": "standard"},
+            retries={"total_max_attempts": self.cfg.max_retries + 1, "mode": "standard"},
             connect_timeout=self.cfg.connect_timeout_s,
             read_timeout=self.cfg.read_timeout_s,
             s3={"addressing_style": "path"} if self.cfg.endpoint_url else None,
@@ -254,6 +254,9 @@ def temp_dir_full(path: str, exc: OSError) -> StorageError:
 def _connection_trouble(exc: Exception) -> str:
     """A sentence for a failure that carried no S3 error code (the request got no answer)."""
     name = type(exc).__name__
+    inner = getattr(exc, "kwargs", {}).get("error")
+    if name == "EndpointConnectionError" and inner is not None and "Connector" not in type(inner).__name__:
+        return "the storage service reset the connection"  # connected, then dropped mid-request
     if name in ("EndpointConnectionError", "ConnectTimeoutError"):
         return "the storage endpoint could not be reached (storage.endpoint_url)"
     if name in ("ReadTimeoutError",):

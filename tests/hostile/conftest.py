@@ -359,7 +359,8 @@ class FaultProxy:
     Modes: ``pass`` (forward), ``down`` (not listening; open connections are reset),
     ``slow`` (wait ``delay_s`` before forwarding), ``reset`` (reset the connection
     without an answer), ``500`` / ``503`` (an S3 error document). With ``count``
-    the fault applies to that many requests only, then the proxy passes again.
+    the fault applies to that many requests only, then the proxy passes again; with
+    ``methods`` only to requests of those HTTP methods.
     """
 
     def __init__(self, upstream: str):
@@ -368,6 +369,7 @@ class FaultProxy:
         self.mode = "pass"
         self.delay_s = 0.0
         self.faults_left: int | None = None
+        self.methods: set[str] | None = None  # the fault applies to these methods only
         self.log: list[tuple[str, str, str]] = []  # (method, path, what happened)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -396,9 +398,11 @@ class FaultProxy:
         if self._session is not None:
             await self._session.close()
 
-    async def set_mode(self, mode: str, *, delay_s: float = 0.0, count: int | None = None) -> None:
+    async def set_mode(
+        self, mode: str, *, delay_s: float = 0.0, count: int | None = None, methods: set[str] | None = None
+    ) -> None:
         assert mode in ("pass", "down", "slow", "reset", "500", "503"), mode
-        self.mode, self.delay_s, self.faults_left = mode, delay_s, count
+        self.mode, self.delay_s, self.faults_left, self.methods = mode, delay_s, count, methods
         if mode == "down" and self._site is not None:
             await self._site.stop()
             self._site = None
@@ -408,8 +412,8 @@ class FaultProxy:
     def requests(self, outcome: str | None = None) -> int:
         return sum(1 for _, _, what in self.log if outcome is None or what == outcome)
 
-    def _fault(self) -> str:
-        if self.mode == "pass":
+    def _fault(self, method: str) -> str:
+        if self.mode == "pass" or (self.methods is not None and method not in self.methods):
             return "pass"
         if self.faults_left is not None:
             if self.faults_left <= 0:
@@ -418,7 +422,7 @@ class FaultProxy:
         return self.mode
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        fault = self._fault()
+        fault = self._fault(request.method)
         self.log.append((request.method, request.path, fault))
         if fault in ("reset", "down"):
             _reset(request)
