@@ -120,3 +120,15 @@ def test_cli_help_and_shipped_config(tmp_path: Path) -> None:
     assert result.returncode == 0 and "--config" in result.stdout and "MEND_" in result.stdout
     result = _mendsrv("--config", str(REPO / "mend.toml"), "--check", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+async def test_process_recovery_past_max_attempts_fails_with_sentence(server_process: Any, tmp_path: Path, http: Any) -> None:
+    server = server_process({"workers": {"max_attempts": 1}}).start()
+    write_jpeg(tmp_path / "data" / "buckets" / "media" / "in.jpg", 6000, 6000, Q=98)
+    ids = await _submit_many(http, server.url, 1, width=100)
+    await _any_processing(http, server.url, ids)
+    server.kill()
+    server.start()
+    job = (await _wait_all(http, server.url, ids, timeout=30))[0]
+    assert job["status"] == "failed"
+    assert "workers.max_attempts = 1" in job["error"] and "interrupted" in job["error"]
