@@ -1,0 +1,105 @@
+"""The hostile corpus through every registered operation of every family.
+
+Each job on a hostile file fails with a sentence (no traceback, no "internal
+error"); nothing reaches the canary server that the SVG and playlists point at; the
+worker processes' peak memory stays bounded (a pixel bomb is refused from its
+header); and a normal job submitted afterwards completes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mendsrv.ops import REGISTRY
+
+from ..conftest import job_body, wait_for_job, write_jpeg
+from .conftest import (
+    Canary,
+    Corpus,
+    assert_failed_with_sentence,
+    dest_key_for,
+    operation_bodies,
+    submit,
+    worker_peak_rss_mb,
+)
+
+PEAK_MB = 600  # per worker process; decoding one pixel bomb would need gigabytes
+
+
+async def test_hostile_media_every_operation_fails_with_a_sentence(
+    corpus: Corpus, canary: Canary, config_factory: Any, client_factory: Any, buckets: Path
+) -> None:
+    client = await client_factory(config_factory(workers={"processes": 2, "ffmpeg_jobs": 2, "max_attempts": 2}))
+    media = buckets / "media"
+    for name, data in corpus.files.items():
+        (media / name).write_bytes(data)
+    bodies = operation_bodies()
+    assert bodies, "no operation accepted a minimal body"
+    assert set(bodies) == set(REGISTRY), f"no minimal body for {set(REGISTRY) - set(bodies)}"
+    submitted: list[tuple[str, str, str]] = []
+    for op_name, params in sorted(bodies.items()):
+        ext = dest_key_for(REGISTRY[op_name])
+        for file_name in [*corpus.must_fail, "script.svg"]:
+            body = job_body(file_name, f"out/{op_name}/{file_name}{ext}", **_with_source(op_name, params, file_name))
+            submitted.append((op_name, file_name, await submit(client, op_name, body)))
+    problems: list[str] = []
+    for op_name, file_name, job_id in submitted:
+        job = await wait_for_job(client, job_id, timeout=120)
+        if file_name == "script.svg" and job["status"] == "completed":
+            continue  # rendered without its script and external parts (checked below)
+        try:
+            error = assert_failed_with_sentence(job)
+            assert job["attempts"] == 1, f"retried {job['attempts']} times: {error}"  # hostile input is not retried
+            if file_name.startswith("bomb.") and op_name.startswith("image/"):
+                assert "limits.max_input_pixels" in error, error
+        except AssertionError as exc:
+            problems.append(f"{op_name} on {file_name}: {str(exc).splitlines()[0]}")
+    assert not problems, "\n".join(problems)
+    assert canary.hits == [], canary.hits  # no external reference was followed
+    for path in media.rglob("out/**/*"):
+        if path.is_file():
+            assert b"root:x:0:0" not in path.read_bytes(), path
+    peaks = worker_peak_rss_mb(os.getpid())
+    assert peaks and max(peaks.values()) < PEAK_MB, peaks
+    # the server keeps serving: a normal job completes
+    write_jpeg(media / "in.jpg", 320, 240)
+    job = await wait_for_job(client, await submit(client, "image/resize", job_body(width=64)))
+    assert job["status"] == "completed", job
+
+
+async def test_hostile_media_wrong_extension_is_sniffed_or_refused(
+    corpus: Corpus, config_factory: Any, client_factory: Any, buckets: Path
+) -> None:
+    """Sound content under the wrong extension: read by its content, or refused with a sentence."""
+    client = await client_factory(config_factory())
+    media = buckets / "media"
+    (media / "png-as.jpg").write_bytes(corpus.files["png-as.jpg"])
+    (media / "jpeg.mp4").write_bytes(corpus.files["good.jpg"])
+    if "clip.mp4" in corpus.files:
+        (media / "video.jpg").write_bytes(corpus.files["clip.mp4"])
+    bodies = operation_bodies()
+    jobs = []
+    for op_name, params in sorted(bodies.items()):
+        for file_name in ("png-as.jpg", "jpeg.mp4", "video.jpg"):
+            if not (media / file_name).exists():
+                continue
+            body = job_body(file_name, f"wrong/{op_name}/{file_name}{dest_key_for(REGISTRY[op_name])}",
+                            **_with_source(op_name, params, file_name))
+            jobs.append((op_name, file_name, await submit(client, op_name, body)))
+    for op_name, file_name, job_id in jobs:
+        job = await wait_for_job(client, job_id, timeout=120)
+        if job["status"] != "completed":
+            assert_failed_with_sentence(job)
+        elif op_name.startswith("image/") and file_name == "png-as.jpg":
+            assert job["result"]["outputs"][0]["size"] > 0
+
+
+def _with_source(op_name: str, params: dict[str, Any], file_name: str) -> dict[str, Any]:
+    """Extra sources (a watermark image) point at the hostile file too."""
+    out = dict(params)
+    for _, key_field in REGISTRY[op_name].extra_sources.values():
+        if key_field in out:
+            out[key_field] = file_name
+    return out
