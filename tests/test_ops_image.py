@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -627,6 +628,20 @@ def test_metadata_dominant_colour_and_blurhash(tmp_path: Path) -> None:
     assert len(meta["blurhash"]) == 6 + 2 * (4 * 3 - 1)  # 4×3 components
 
 
+def test_metadata_blurhash_matches_reference_encoder() -> None:
+    blurhash = pytest.importorskip("blurhash")
+    from PIL import Image as PILImage
+
+    from mendsrv.ops.image_metadata import blurhash_encode
+
+    image = media.quadrants(32, 24)
+    data = bytes(image.write_to_memory())
+    with warnings.catch_warnings():  # blurhash-python uses a Pillow API deprecated in Pillow 13
+        warnings.simplefilter("ignore", DeprecationWarning)
+        reference = blurhash.encode(PILImage.frombytes("RGB", (32, 24), data), 4, 3)
+    assert blurhash_encode(data, 32, 24) == reference
+
+
 def test_metadata_of_svg(tmp_path: Path) -> None:
     src = tmp_path / "ok.svg"
     src.write_text(media.SVG_SAFE)
@@ -761,3 +776,30 @@ print("ok")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert proc.stdout.strip() == "ok"
     assert load(tmp_path / "svg-out.png").width == 100
+
+
+def test_pool_spawned_workers_fail_hostile_jobs_and_finish_good_ones(quad: Path, tmp_path: Path) -> None:
+    """As the pool runs them: spawned processes initialised with block_untrusted, picklable
+    run functions, params and context; a pixel bomb fails with its sentence while the
+    job beside it completes."""
+    import multiprocessing
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mendsrv.ops.image import block_untrusted
+
+    op = REGISTRY["image/resize"]
+    assert pickle.loads(pickle.dumps(op.run)) is op.run
+    bomb = media.write_png_bomb(tmp_path / "bomb.png")
+    params = op.model(source_bucket="a", source_key="q.png", dest_bucket="b", dest_key="o.webp", width=50)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"), initializer=block_untrusted) as pool:
+        bad = pool.submit(op.run, str(bomb), str(tmp_path / "bad.webp"), params, _no_progress, RunContext())
+        good = pool.submit(op.run, str(quad), str(tmp_path / "good.webp"), params, _no_progress, RunContext())
+        with pytest.raises(JobFailed, match="^image is 50000×50000"):
+            bad.result(timeout=60)
+        assert good.result(timeout=60)["output"]["width"] == 50
+    assert load(tmp_path / "good.webp").width == 50
+
+
+def _no_progress(percent: float, phase: str) -> None:
+    pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -180,14 +181,64 @@ def dominant_colour(small: Any) -> str | None:
     return f"#{round(r / n):02x}{round(g / n):02x}{round(b / n):02x}"
 
 
-def blurhash_of(small: Any) -> str:
-    import blurhash
-    from PIL import Image as PILImage
+_B83 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#$%*+,-.:;=?@[]^_{|}~"
 
-    data = rgb_pixels(small)
-    image = to_srgb(small)
-    x = 4 if image.width >= image.height else 3
-    y = 3 if image.width >= image.height else 4
-    # raw RGB bytes wrapped for the blurhash encoder; PIL decodes nothing here
-    pil = PILImage.frombytes("RGB", (image.width, image.height), data)
-    return str(blurhash.encode(pil, x, y))
+
+def _base83(value: int, length: int) -> str:
+    return "".join(_B83[(value // 83 ** (length - 1 - i)) % 83] for i in range(length))
+
+
+def _to_linear(value: int) -> float:
+    v = value / 255.0
+    return v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4
+
+
+def _to_srgb(value: float) -> int:
+    v = max(0.0, min(1.0, value))
+    if v <= 0.0031308:
+        return int(v * 12.92 * 255 + 0.5)
+    return int((1.055 * v ** (1 / 2.4) - 0.055) * 255 + 0.5)
+
+
+def blurhash_encode(rgb: bytes, width: int, height: int, nx: int = 4, ny: int = 3) -> str:
+    """The BlurHash of raw 8-bit RGB pixels (the reference algorithm, woltapp/blurhash)."""
+    linear = [_to_linear(b) for b in range(256)]
+    cos_x = [[math.cos(math.pi * i * x / width) for x in range(width)] for i in range(nx)]
+    cos_y = [[math.cos(math.pi * j * y / height) for y in range(height)] for j in range(ny)]
+    factors: list[tuple[float, float, float]] = []
+    for j in range(ny):
+        for i in range(nx):
+            norm = 1.0 if i == j == 0 else 2.0
+            r = g = b = 0.0
+            for y in range(height):
+                row = y * width * 3
+                cy = cos_y[j][y] * norm
+                for x in range(width):
+                    basis = cos_x[i][x] * cy
+                    k = row + 3 * x
+                    r += basis * linear[rgb[k]]
+                    g += basis * linear[rgb[k + 1]]
+                    b += basis * linear[rgb[k + 2]]
+            scale = 1.0 / (width * height)
+            factors.append((r * scale, g * scale, b * scale))
+    dc, ac = factors[0], factors[1:]
+    out = _base83((nx - 1) + (ny - 1) * 9, 1)
+    if ac:
+        quant_max = max(0, min(82, int(max(abs(c) for f in ac for c in f) * 166 - 0.5)))
+        max_ac = (quant_max + 1) / 166
+    else:
+        quant_max, max_ac = 0, 1.0
+    out += _base83(quant_max, 1)
+    out += _base83((_to_srgb(dc[0]) << 16) + (_to_srgb(dc[1]) << 8) + _to_srgb(dc[2]), 4)
+    for f in ac:
+        q = [max(0, min(18, int(math.floor(math.copysign(abs(c / max_ac) ** 0.5, c) * 9 + 9.5)))) for c in f]
+        out += _base83(q[0] * 19 * 19 + q[1] * 19 + q[2], 2)
+    return out
+
+
+def blurhash_of(small: Any) -> str:
+    """BlurHash (4×3 components, 3×4 for portrait) of a small rendition."""
+    thumb = small.thumbnail_image(32, height=32) if max(small.width, small.height) > 32 else small
+    data = rgb_pixels(thumb)
+    portrait = thumb.height > thumb.width
+    return blurhash_encode(data, thumb.width, thumb.height, 3 if portrait else 4, 4 if portrait else 3)
