@@ -495,6 +495,17 @@ def test_watermark_text_is_drawn_in_colour(tmp_path: Path) -> None:
     assert image.crop(200, 0, 100, 40).max() == 0  # far corner untouched
 
 
+def test_watermark_text_size_is_relative_to_image_width(tmp_path: Path) -> None:
+    base = tmp_path / "base.png"
+    media.solid(400, 100, BLACK).pngsave(str(base))
+    _, out = run("image/watermark", base, tmp_path, text="MEND MEND", size=0.5, opacity=1.0,
+                 gravity="northwest", margin=0)
+    drawn = load(out).extract_band(0) > 128
+    columns = drawn.project()[0]  # per-column count of lit pixels
+    lit = [x for x in range(400) if columns(x, 0)[0] > 0]
+    assert 170 <= lit[-1] - lit[0] + 1 <= 200  # about half the width
+
+
 def test_watermark_keeps_animation(tmp_path: Path) -> None:
     src = media.write_animated(tmp_path / "anim.gif")
     _, out = run("image/watermark", src, tmp_path, "out.gif", text="x", font_size=12, opacity=1.0)

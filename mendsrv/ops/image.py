@@ -369,8 +369,7 @@ def run_convert(src_path: str, dst_path: str, params: ConvertParams, progress: P
     opts = encoder_options(fmt, quality=params.quality, lossless=params.lossless,
                            progressive=params.progressive or params.interlace)
     progress(40, "encoding")
-    out = save(image, dst_path, fmt, strip_metadata=params.strip_metadata, background=params.background, **opts)
-    return {"output": out}
+    return {"output": _save(image, dst_path, fmt, params, **opts)}
 
 
 # --- image/watermark ------------------------------------------------------------------------
@@ -385,13 +384,13 @@ def run_watermark(src_path: str, dst_path: str, params: WatermarkParams, progres
     image = to_srgb(source.load(auto_rotate=params.auto_rotate, all_frames=animate))
     fw, fh = image.width, page_height(image)
     margin = min(params.margin, (fw - 1) // 2, (fh - 1) // 2)
-    room_w, room_h = fw - 2 * margin, fh - 2 * margin
-    overlay = _text_overlay(params, fw, fh) if params.text is not None else _image_overlay(params, ctx, fw)
-    scale = min(1.0, room_w / overlay.width, room_h / overlay.height)
-    if scale < 1.0:
-        overlay = overlay.resize(scale)
-    overlay = _with_opacity(overlay, params.opacity)
-    x, y = anchor(room_w, room_h, overlay.width, overlay.height, params.gravity)
+    room = (fw - 2 * margin, fh - 2 * margin)
+    if params.text is not None:
+        overlay = _text_overlay(params, fw, fh, room)
+    else:
+        overlay = _image_overlay(params, ctx, fw, room)
+    overlay = _with_opacity(overlay, params.opacity).copy_memory()  # small; reused by every frame
+    x, y = anchor(room[0], room[1], overlay.width, overlay.height, params.gravity)
     had_alpha = image.hasalpha()
 
     def stamp(frame: Any) -> Any:
@@ -403,7 +402,13 @@ def run_watermark(src_path: str, dst_path: str, params: WatermarkParams, progres
     return {"output": _save(image, dst_path, fmt, params)}
 
 
-def _image_overlay(params: WatermarkParams, ctx: RunContext, frame_w: int) -> Any:
+def _fit_in(width: float, height: float, room: tuple[int, int]) -> tuple[int, int]:
+    """width×height shrunk (never enlarged) to fit inside room, aspect kept."""
+    scale = min(1.0, room[0] / width, room[1] / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _image_overlay(params: WatermarkParams, ctx: RunContext, frame_w: int, room: tuple[int, int]) -> Any:
     path = ctx.sources.get("watermark")
     if not path:
         raise JobFailed("the watermark image was not downloaded; give watermark_key")
@@ -413,29 +418,33 @@ def _image_overlay(params: WatermarkParams, ctx: RunContext, frame_w: int) -> An
         raise JobFailed(f"watermark image: {exc.message}") from None
     nw, nh = mark.size()
     if params.size is not None:
-        tw = max(1, round(frame_w * params.size))
-        th = max(1, round(nh * tw / nw))
-        check_output(tw, th, ctx)
-        overlay = mark.thumbnail(tw, th, size="force")
-    else:
-        overlay = mark.load(random=True) if mark.orientation == 1 else mark.load()
-    overlay = to_srgb(overlay)
+        nw, nh = frame_w * params.size, nh * frame_w * params.size / nw
+    tw, th = _fit_in(nw, nh, room)
+    overlay = to_srgb(mark.thumbnail(tw, th, size="force"))
     if overlay.bands < 3:
         overlay = overlay.colourspace("srgb")
     return ensure_alpha(overlay).copy(interpretation="srgb")
 
 
-def _text_overlay(params: WatermarkParams, frame_w: int, frame_h: int) -> Any:
-    """White-on-transparent text rendered as a mask, then coloured."""
+def _text_overlay(params: WatermarkParams, frame_w: int, frame_h: int, room: tuple[int, int]) -> Any:
+    """The text rendered as a mask, then coloured; long lines wrap inside the room."""
     pyvips = vips()
-    size = params.font_size or max(12, round(min(frame_w, frame_h) * 0.05))
-    kwargs: dict[str, Any] = {"font": f"{params.font} {size}", "dpi": 72}
+    text = html.escape(params.text or "")  # vips_text reads Pango markup: draw the text as written
+
+    def render(points: int, wrap: int | None) -> Any:
+        extra = {"width": wrap} if wrap else {}
+        return pyvips.Image.text(text, font=f"{params.font} {points}", dpi=72, **extra)
+
+    points = params.font_size or max(12, round(min(frame_w, frame_h) * 0.05))
     if params.size is None:
-        kwargs["width"] = max(1, frame_w - 2 * params.margin)  # wrap long lines
-    # vips_text reads Pango markup: escape so the text is drawn as written
-    mask = pyvips.Image.text(html.escape(params.text or ""), **kwargs)
-    if params.size is not None:
-        mask = mask.resize(max(1.0, frame_w * params.size) / mask.width)
+        mask = render(points, room[0])
+    else:  # render at the font size that gives the asked width, on one line
+        first = render(points, None)
+        points = max(4, min(2000, round(points * frame_w * params.size / first.width)))
+        mask = render(points, None)
+    tw, _ = _fit_in(mask.width, mask.height, room)
+    if tw != mask.width:
+        mask = mask.resize(tw / mask.width)
     r, g, b, a = parse_colour(params.colour, 4)
     colour = mask.new_from_image([r, g, b])
     alpha = (mask * (a / 255.0)).cast("uchar")
