@@ -182,6 +182,22 @@ def test_resize_animated_gif_stays_animated(tmp_path: Path) -> None:
     assert near(px(image, 10, 10), RED) and near(px(image, 10, 30), GREEN) and near(px(image, 10, 50), BLUE)
 
 
+@pytest.mark.parametrize(("op", "params", "size"), [
+    ("image/thumbnail", {"width": 16, "gravity": "attention"}, (16, 16)),
+    ("image/crop", {"left": 4, "top": 4, "width": 10, "height": 12}, (10, 12)),
+    ("image/rotate", {"angle": 90, "flop": True}, (40, 40)),
+])
+def test_animated_webp_stays_animated_through(op: str, params: dict[str, Any], size: tuple[int, int],
+                                              tmp_path: Path) -> None:
+    src = media.write_animated(tmp_path / "anim.webp")
+    result, out = run(op, src, tmp_path, "out.webp", **params)
+    image = pyvips.Image.new_from_file(str(out), n=-1)
+    assert image.get("n-pages") == 3 and (image.width, image.get("page-height")) == size
+    frames = [px(image, 5, 5 + size[1] * i) for i in range(3)]
+    assert all(near(f, c, 8) for f, c in zip(frames, [RED, GREEN, BLUE], strict=True)), frames
+    assert result["output"]["frames"] == 3
+
+
 def test_resize_needs_width_or_height() -> None:
     with pytest.raises(ValidationError):
         REGISTRY["image/resize"].model(source_bucket="a", source_key="a.jpg", dest_bucket="b", dest_key="b.jpg")
