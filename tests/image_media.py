@@ -147,6 +147,15 @@ def write_png_bomb(path: Path, width: int = 50000, height: int = 50000) -> Path:
     return path
 
 
+def write_jpeg_bomb(path: Path, width: int = 65000, height: int = 65000) -> Path:
+    """A small JPEG whose frame header (SOF0) is patched to claim width×height."""
+    data = bytearray(solid(16, 16, RED).jpegsave_buffer())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def write_truncated_jpeg(path: Path) -> Path:
     noise = pyvips.Image.gaussnoise(400, 300).cast("uchar")
     data = noise.bandjoin([noise, noise]).copy(interpretation="srgb").jpegsave_buffer(Q=90)

@@ -695,6 +695,23 @@ def test_limits_pixel_bomb_fails_from_header_in_well_under_a_second(tmp_path: Pa
         _fails_fast(op, src, tmp_path, r"^image is 50000×50000, over the 100 megapixel limit", 0.5, **kw)
 
 
+def test_limits_jpeg_bomb_fails_from_header(tmp_path: Path) -> None:
+    src = media.write_jpeg_bomb(tmp_path / "bomb.jpg")
+    for op, kw in (("image/thumbnail", {"width": 10}), ("image/metadata", {}), ("image/optimize", {})):
+        _fails_fast(op, src, tmp_path, r"^image is 65000×65000, over the 100 megapixel limit", 0.5, **kw)
+
+
+def test_hostile_svgz_is_checked_like_svg(tmp_path: Path) -> None:
+    import gzip
+
+    src = tmp_path / "evil.svgz"
+    src.write_bytes(gzip.compress(media.SVG_EXTERNAL.encode()))
+    _fails_fast("image/convert", src, tmp_path, r"^the SVG references an external resource", dest_key="o.png")
+    broken = tmp_path / "broken.svgz"
+    broken.write_bytes(gzip.compress(media.SVG_SAFE.encode() * 50)[:60])
+    _fails_fast("image/convert", broken, tmp_path, r"truncated or corrupt|not an image", dest_key="o.png")
+
+
 def test_limits_max_input_pixels_is_configurable(quad: Path, tmp_path: Path) -> None:
     ctx = RunContext(limits=Limits(max_input_pixels=10_000))
     _fails_fast("image/convert", quad, tmp_path, r"image is 200×100, over the 0.01 megapixel limit", ctx=ctx)

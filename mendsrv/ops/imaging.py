@@ -18,6 +18,7 @@ import gzip
 import math
 import os
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -289,6 +290,8 @@ def _trusted_format(path: str) -> str:
     for prefix, fmt in TRUSTED_LOADERS.items():
         if loader.startswith(prefix):
             return fmt
+    if loader.startswith("VipsForeignLoadSvg"):  # librsvg would take it, _read_svg could not check it
+        raise JobFailed("the source looks like an SVG but cannot be checked: it is truncated or corrupt")
     kind = re.sub(r"^VipsForeignLoad|(File|Source|Buffer)$", "", loader) or "unknown"
     raise JobFailed(f"the source is a {kind} file, which is not accepted; send {SUPPORTED_INPUTS}")
 
@@ -312,7 +315,7 @@ def _read_svg(path: str, nbytes: int) -> bytes | None:
         try:
             with gzip.open(path, "rb") as fh:
                 head = fh.read(4096)
-        except (OSError, EOFError):
+        except (OSError, EOFError, zlib.error):
             return None
     head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     # liberal on purpose: anything that might reach librsvg goes through _check_svg
@@ -321,8 +324,11 @@ def _read_svg(path: str, nbytes: int) -> bytes | None:
     if nbytes > SVG_MAX_BYTES:
         raise JobFailed(f"SVG sources are limited to {SVG_MAX_BYTES // (1024 * 1024)} MiB")
     if gz:
-        with gzip.open(path, "rb") as fh:
-            data = fh.read(SVG_MAX_BYTES + 1)
+        try:
+            with gzip.open(path, "rb") as fh:
+                data = fh.read(SVG_MAX_BYTES + 1)
+        except (OSError, EOFError, zlib.error):
+            raise JobFailed("the compressed SVG is truncated or corrupt") from None
         if len(data) > SVG_MAX_BYTES:
             raise JobFailed(f"the compressed SVG expands past {SVG_MAX_BYTES // (1024 * 1024)} MiB")
     else:
