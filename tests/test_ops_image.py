@@ -388,6 +388,24 @@ def test_convert_icc_tagged_input_is_transformed_to_srgb(tmp_path: Path) -> None
     assert near(px(load(out), 5, 5), RED, 6)
 
 
+WRITING_OPS = [
+    ("image/resize", {"width": 16}), ("image/thumbnail", {"width": 16}), ("image/crop", {"width": 8, "height": 8}),
+    ("image/rotate", {"angle": 90}), ("image/watermark", {"text": "x", "gravity": "southeast"}),
+    ("image/optimize", {}),
+]
+
+
+@pytest.mark.parametrize(("op", "params"), WRITING_OPS)
+@pytest.mark.parametrize("maker", [media.write_p3_tagged, media.write_cmyk])
+def test_colour_managed_inputs_come_out_srgb_from_every_operation(
+        op: str, params: dict[str, Any], maker: Any, tmp_path: Path) -> None:
+    src = maker(tmp_path / ("src.png" if maker is media.write_p3_tagged else "src.jpg"))
+    _, out = run(op, src, tmp_path, "out.png", **params)
+    image = load(out)
+    assert image.interpretation == "srgb" and image.bands == 3
+    assert near(px(image, 2, 2), RED, 45 if maker is media.write_cmyk else 6), px(image, 2, 2)
+
+
 def test_convert_16bit_becomes_8bit(tmp_path: Path) -> None:
     src = media.write_16bit(tmp_path / "deep.png")
     assert load(src).format == "ushort"
@@ -787,6 +805,15 @@ def test_svg_self_contained_is_rendered(tmp_path: Path) -> None:
     assert px(image, 50, 25)[:3] == GREEN
     _, out = run("image/resize", src, tmp_path, "big.png", width=400, enlarge=True)
     assert (load(out).width, load(out).height) == (400, 200)  # rendered at size, not upscaled
+
+
+def test_vips_reason_drops_paths_and_generic_lines() -> None:
+    from mendsrv.ops.imaging import vips_reason
+
+    text = 'unable to call copy\nVipsForeignLoad: "/tmp/job-1/src" is not a known file format\n' \
+           'VipsJpeg: premature end of JPEG image at /tmp/job-1/src\n'
+    assert vips_reason(Exception(text)) == "premature end of JPEG image at the file"
+    assert vips_reason(Exception("vipspng: bad value 3/4")) == "bad value 3/4"
 
 
 def test_block_untrusted_leaves_only_trusted_loaders(quad: Path, tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ _CORRUPT_HINTS = (
     "premature end", "truncated", "out of order", "read error", "load error", "corrupt",
     "unexpected end", "not enough data", "libspng", "invalid", "bad ", "damaged", "eof",
 )
-_QUOTED_PATH = re.compile(r"""["']?(?:b')?/[^\s"']+["']?""")
+_QUOTED_PATH = re.compile(r"""(?:b?["'])?(?<![\w.])/[\w.-]+(?:/[\w.-]+)+["']?""")
 
 
 def vips_reason(exc: BaseException) -> str:
@@ -108,10 +108,10 @@ def vips_reason(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     useful = [
         line for line in lines
-        if not line.startswith(("unable to call", "unable to load", "unable to write", "VipsForeignLoad:"))
+        if not line.startswith(("unable to ", "VipsForeignLoad:"))
     ] or lines or ["unknown error"]
     reason = useful[0]
-    reason = re.sub(r"^(Vips\w*|\w+load\w*|\w+save\w*):\s*", "", reason)
+    reason = re.sub(r"^((?i:vips)\w*|\w+load\w*|\w+save\w*):\s*", "", reason)
     reason = _QUOTED_PATH.sub("the file", reason)
     return reason[:200].rstrip(".")
 
