@@ -601,6 +601,14 @@ def test_optimize_png_photo_stays_truecolour(tmp_path: Path) -> None:
     assert (load(out) - load(src)).abs().max() == 0
 
 
+def test_optimize_keeps_an_already_smaller_source(tmp_path: Path) -> None:
+    src = tmp_path / "tight.webp"
+    load(media.write_noise_right(tmp_path / "noise.png")).webpsave(str(src), Q=5, keep=pyvips.enums.ForeignKeep.NONE)  # quality 5, no metadata
+    result, out = run("image/optimize", src, tmp_path, "out.webp", quality=90)
+    assert result["method"].startswith("source kept")
+    assert out.read_bytes() == src.read_bytes() and result["saved_bytes"] == 0
+
+
 def test_optimize_strips_metadata(tmp_path: Path) -> None:
     src = media.write_with_exif(tmp_path / "exif.jpg")
     _, out = run("image/optimize", src, tmp_path, "out.jpg")

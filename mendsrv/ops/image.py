@@ -11,13 +11,14 @@ from __future__ import annotations
 import html
 import math
 import os
+import shutil
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import JobFailed
 from . import image_metadata
-from .base import JobParams, Operation, Progress, Resource, RunContext, check_key
+from .base import JobParams, Operation, Progress, Resource, RunContext, check_bucket, check_key
 from .imaging import (
     ALPHA_FORMATS,
     ANIMATED_FORMATS,
@@ -182,8 +183,6 @@ class WatermarkParams(ImageParams):
     @field_validator("watermark_bucket")
     @classmethod
     def _wm_bucket(cls, v: str | None) -> str | None:
-        from .base import check_bucket
-
         return None if v is None else check_bucket(v)
 
     @model_validator(mode="after")
@@ -503,6 +502,23 @@ def _close_enough(path: str, image: Any) -> bool:
     return psnr(norm(written), norm(image)) >= PALETTE_MIN_PSNR
 
 
+_METADATA_FIELDS = ("exif-data", "xmp-data", "iptc-data")
+
+
+def _source_is_final(source: Source, fmt: str, params: OptimizeParams) -> bool:
+    """Whether the source file itself is an acceptable output: same format, already
+    8-bit sRGB/grey with no profile to convert, upright, nothing to strip."""
+    h = source.header
+    return (
+        fmt == source.format
+        and (source.orientation == 1 or not params.auto_rotate)
+        and h.format == "uchar"
+        and h.interpretation in ("srgb", "b-w")
+        and not h.get_typeof("icc-profile-data")
+        and not (params.strip_metadata and any(h.get_typeof(f) for f in _METADATA_FIELDS))
+    )
+
+
 @vips_errors
 def run_optimize(src_path: str, dst_path: str, params: OptimizeParams, progress: Progress, ctx: RunContext) -> dict[str, Any]:
     source, fmt, animate = _open(src_path, dst_path, params, ctx)
@@ -522,7 +538,11 @@ def run_optimize(src_path: str, dst_path: str, params: OptimizeParams, progress:
                 continue
             results.append((os.path.getsize(path), path, label, out))
         size, best, label, out = min(results, key=lambda r: r[0])
-        os.replace(best, dst_path)
+        if size >= source.bytes and _source_is_final(source, fmt, params):
+            shutil.copyfile(src_path, dst_path)
+            size, label = source.bytes, "source kept: no re-encoding was smaller"
+        else:
+            os.replace(best, dst_path)
     finally:
         for _, path, _, _ in results:
             if os.path.exists(path):
