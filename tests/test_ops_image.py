@@ -198,6 +198,15 @@ def test_animated_webp_stays_animated_through(op: str, params: dict[str, Any], s
     assert result["output"]["frames"] == 3
 
 
+def test_resize_extreme_aspect_ratio_keeps_at_least_one_pixel(tmp_path: Path) -> None:
+    src = tmp_path / "line.png"
+    media.solid(1000, 2, RED).pngsave(str(src))
+    for fit in ("inside", "fill", "cover", "contain", "outside"):
+        _, out = run("image/resize", src, tmp_path, f"{fit}.png", width=10, fit=fit)
+        image = load(out)
+        assert image.width == 10 and image.height >= 1 and px(image, 5, 0)[:3] == RED
+
+
 def test_resize_needs_width_or_height() -> None:
     with pytest.raises(ValidationError):
         REGISTRY["image/resize"].model(source_bucket="a", source_key="a.jpg", dest_bucket="b", dest_key="b.jpg")

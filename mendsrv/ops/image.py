@@ -241,14 +241,15 @@ def _fit(source: Source, box_w: int | None, box_h: int | None, fit: str, gravity
     bw = float(box_w) if box_w else sw * box_h / sh  # type: ignore[operator]
     bh = float(box_h) if box_h else sh * bw / sw
     if fit == "fill":
-        tw, th = round(bw), round(bh)
+        tw, th = max(1, round(bw)), max(1, round(bh))
     else:
         pick = max if fit in ("cover", "outside") else min
         scale = pick(bw / sw, bh / sh)
         if not enlarge:
             scale = min(scale, 1.0)
         tw, th = max(1, round(sw * scale)), max(1, round(sh * scale))
-    final = {"cover": (min(round(bw), tw), min(round(bh), th)), "contain": (round(bw), round(bh))}.get(fit, (tw, th))
+    box = max(1, round(bw)), max(1, round(bh))
+    final = {"cover": (min(box[0], tw), min(box[1], th)), "contain": box}.get(fit, (tw, th))
     check_output(max(tw, final[0]), max(th, final[1]), ctx)
     image = source.thumbnail(tw, th, size="force", auto_rotate=auto_rotate, all_frames=animate)
     image = to_srgb(image)

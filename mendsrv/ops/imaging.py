@@ -100,6 +100,7 @@ _CORRUPT_HINTS = (
     "premature end", "truncated", "out of order", "read error", "load error", "corrupt",
     "unexpected end", "not enough data", "libspng", "invalid", "bad ", "damaged", "eof",
 )
+_CODEC_HINTS = ("no decoding plugin", "unsupported codec", "no decoder", "decoder plugin")
 _QUOTED_PATH = re.compile(r"""(?:b?["'])?(?<![\w.])/[\w.-]+(?:/[\w.-]+)+["']?""")
 
 
@@ -118,6 +119,8 @@ def vips_reason(exc: BaseException) -> str:
 
 def vips_failure(exc: BaseException, doing: str = "process the image") -> JobFailed:
     reason = vips_reason(exc)
+    if any(hint in str(exc).lower() for hint in _CODEC_HINTS):
+        return JobFailed(f"this server cannot decode the image's compression ({reason}); send JPEG, PNG, WebP or AVIF")
     if any(hint in str(exc).lower() for hint in _CORRUPT_HINTS):
         return JobFailed(f"the image data is truncated or corrupt ({reason})")
     return JobFailed(f"cannot {doing}: {reason}")
