@@ -442,6 +442,8 @@ def _text_overlay(params: WatermarkParams, frame_w: int, frame_h: int, room: tup
         first = render(points, None)
         points = max(4, min(2000, round(points * frame_w * params.size / first.width)))
         mask = render(points, None)
+    if mask.max() == 0 and (params.text or "").strip():
+        raise JobFailed(f"cannot draw the text: the server has no usable font for '{params.font}'")
     tw, _ = _fit_in(mask.width, mask.height, room)
     if tw != mask.width:
         mask = mask.resize(tw / mask.width)
