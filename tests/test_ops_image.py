@@ -499,7 +499,7 @@ def test_watermark_image_at_gravity_with_margin(tmp_path: Path) -> None:
     media.solid(200, 200, WHITE).pngsave(str(base))
     mark = tmp_path / "mark.png"
     media.solid(20, 20, RED).pngsave(str(mark))
-    _, out = run("image/watermark", base, tmp_path, ctx=_watermark_ctx(mark), watermark_key="mark.png",
+    _, out = run("image/watermark", base, tmp_path, ctx=_watermark_ctx(mark), watermark_bucket="brand", watermark_key="mark.png",
                  opacity=1.0, margin=10, gravity="southeast")
     image = load(out)
     assert image.bands == 3
@@ -512,7 +512,7 @@ def test_watermark_opacity_blends(tmp_path: Path) -> None:
     media.solid(100, 100, WHITE).pngsave(str(base))
     mark = tmp_path / "mark.png"
     media.solid(20, 20, RED).pngsave(str(mark))
-    _, out = run("image/watermark", base, tmp_path, ctx=_watermark_ctx(mark), watermark_key="mark.png",
+    _, out = run("image/watermark", base, tmp_path, ctx=_watermark_ctx(mark), watermark_bucket="brand", watermark_key="mark.png",
                  opacity=0.5, gravity="northwest", margin=0)
     assert near(px(load(out), 10, 10), [255, 128, 128], 3)
 
@@ -523,7 +523,7 @@ def test_watermark_size_is_relative_to_image_width(tmp_path: Path) -> None:
     mark = tmp_path / "mark.png"
     media.solid(10, 10, BLUE).pngsave(str(mark))
     _, out = run("image/watermark", base, tmp_path, "out.jpg", ctx=_watermark_ctx(mark),
-                 watermark_key="mark.png", size=0.25, opacity=1.0, gravity="centre", margin=0)
+                 watermark_bucket="brand", watermark_key="mark.png", size=0.25, opacity=1.0, gravity="centre", margin=0)
     image = load(out)
     # a 100×100 blue square in the middle of 400×200
     assert near(px(image, 155, 55), BLUE, 30) and near(px(image, 245, 145), BLUE, 30)
@@ -571,19 +571,23 @@ def test_watermark_needs_image_or_text() -> None:
         model(**common, text="x", watermark_key="w.png")
     with pytest.raises(ValidationError):
         model(**common, watermark_key="../secret.png")
-    assert model(**common, watermark_key="w.png").watermark_bucket == "a"
+    with pytest.raises(ValidationError, match="together"):
+        model(**common, watermark_key="w.png")
+    with pytest.raises(ValidationError):
+        model(**common, watermark_bucket="../x", watermark_key="w.png")
+    assert model(**common, watermark_bucket="brand", watermark_key="w.png").watermark_key == "w.png"
 
 
 def test_watermark_missing_download_fails_clearly(quad: Path, tmp_path: Path) -> None:
     with pytest.raises(JobFailed, match="watermark image was not downloaded"):
-        run("image/watermark", quad, tmp_path, watermark_key="w.png")
+        run("image/watermark", quad, tmp_path, watermark_bucket="brand", watermark_key="w.png")
 
 
 def test_watermark_bad_overlay_fails_clearly(quad: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     with pytest.raises(JobFailed, match="^watermark image: the source is not an image"):
-        run("image/watermark", quad, tmp_path, ctx=_watermark_ctx(bad), watermark_key="bad.png")
+        run("image/watermark", quad, tmp_path, ctx=_watermark_ctx(bad), watermark_bucket="brand", watermark_key="bad.png")
 
 
 # --- image/optimize -----------------------------------------------------------------------

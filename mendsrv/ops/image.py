@@ -154,7 +154,7 @@ class ConvertParams(ImageParams):
 
 class WatermarkParams(ImageParams):
     watermark_bucket: str | None = Field(
-        default=None, description="Bucket of the overlay image; default: source_bucket"
+        default=None, description="Bucket of the overlay image; give with watermark_key"
     )
     watermark_key: str | None = Field(default=None, description="Key of the overlay image (PNG with alpha works best)")
     text: str | None = Field(default=None, min_length=1, max_length=500, description="Text to draw instead of an image")
@@ -189,10 +189,8 @@ class WatermarkParams(ImageParams):
     def _image_or_text(self) -> WatermarkParams:
         if (self.watermark_key is None) == (self.text is None):
             raise ValueError("give either watermark_key (an overlay image) or text, not both")
-        if self.watermark_key is None and self.watermark_bucket is not None:
-            raise ValueError("watermark_bucket needs watermark_key")
-        if self.watermark_key is not None and self.watermark_bucket is None:
-            self.watermark_bucket = self.source_bucket
+        if (self.watermark_key is None) != (self.watermark_bucket is None):
+            raise ValueError("give watermark_bucket and watermark_key together")
         return self
 
 
