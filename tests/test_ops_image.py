@@ -48,8 +48,9 @@ def run(op: str, src: Path, tmp_path: Path, dest_key: str = "out.png", ctx: RunC
     return result, dst
 
 
-def load(path: Path) -> Any:
-    return pyvips.Image.new_from_file(str(path))
+def load(path: Path, **options: Any) -> Any:
+    """Read a file back; revalidate: the same path may have been rewritten in a test."""
+    return pyvips.Image.new_from_file(str(path), revalidate=True, **options)
 
 
 def loader(path: Path) -> str:
@@ -179,7 +180,7 @@ def test_resize_format_from_dest_key_then_format_param(quad: Path, tmp_path: Pat
 def test_resize_animated_gif_stays_animated(tmp_path: Path) -> None:
     src = media.write_animated(tmp_path / "anim.gif")
     result, out = run("image/resize", src, tmp_path, "out.gif", width=20)
-    image = pyvips.Image.new_from_file(str(out), n=-1)
+    image = load(out, n=-1)
     assert image.get("n-pages") == 3 and image.get("page-height") == 20 and image.width == 20
     assert result["output"]["frames"] == 3
     assert near(px(image, 10, 10), RED) and near(px(image, 10, 30), GREEN) and near(px(image, 10, 50), BLUE)
@@ -194,7 +195,7 @@ def test_animation_webp_stays_animated_through(op: str, params: dict[str, Any], 
                                               tmp_path: Path) -> None:
     src = media.write_animated(tmp_path / "anim.webp")
     result, out = run(op, src, tmp_path, "out.webp", **params)
-    image = pyvips.Image.new_from_file(str(out), n=-1)
+    image = load(out, n=-1)
     assert image.get("n-pages") == 3 and (image.width, image.get("page-height")) == size
     frames = [px(image, 5, 5 + size[1] * i) for i in range(3)]
     assert all(near(f, c, 8) for f, c in zip(frames, [RED, GREEN, BLUE], strict=True)), frames
@@ -446,7 +447,7 @@ def test_convert_palette_png_input(tmp_path: Path) -> None:
 def test_convert_animated_gif_to_webp_keeps_frames(tmp_path: Path) -> None:
     src = media.write_animated(tmp_path / "anim.gif")
     result, out = run("image/convert", src, tmp_path, "out.webp", lossless=True)
-    image = pyvips.Image.new_from_file(str(out), n=-1)
+    image = load(out, n=-1)
     assert loader(out).startswith("webpload")
     assert image.get("n-pages") == 3 and image.get("page-height") == 40
     assert [px(image, 20, 20 + 40 * i)[:3] for i in range(3)] == [RED, GREEN, BLUE]
@@ -559,7 +560,7 @@ def test_watermark_text_size_is_relative_to_image_width(tmp_path: Path) -> None:
 def test_watermark_keeps_animation(tmp_path: Path) -> None:
     src = media.write_animated(tmp_path / "anim.gif")
     _, out = run("image/watermark", src, tmp_path, "out.gif", text="x", font_size=12, opacity=1.0)
-    assert pyvips.Image.new_from_file(str(out), n=-1).get("n-pages") == 3
+    assert load(out, n=-1).get("n-pages") == 3
 
 
 def test_watermark_needs_image_or_text() -> None:
@@ -638,7 +639,7 @@ def test_optimize_strips_metadata(tmp_path: Path) -> None:
 def test_optimize_animated_gif_stays_animated(tmp_path: Path) -> None:
     src = media.write_animated(tmp_path / "anim.gif")
     result, out = run("image/optimize", src, tmp_path, "out.gif")
-    assert pyvips.Image.new_from_file(str(out), n=-1).get("n-pages") == 3
+    assert load(out, n=-1).get("n-pages") == 3
     assert result["bytes_after"] == out.stat().st_size
 
 

@@ -492,7 +492,7 @@ def _candidates(fmt: str, quality: int, source_format: str) -> list[tuple[str, d
 def _close_enough(path: str, image: Any) -> bool:
     """Whether a palette PNG at path loses nothing visible against image."""
     pyvips = vips()
-    written = pyvips.Image.new_from_file(path, access="sequential")
+    written = pyvips.Image.new_from_file(path, access="sequential", revalidate=True)
 
     def norm(im: Any) -> Any:
         im = to_srgb(im)
