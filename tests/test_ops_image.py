@@ -653,9 +653,9 @@ def test_metadata_reports_header_exif_and_writes_json(tmp_path: Path) -> None:
     assert result["output"]["content_type"] == "application/json"
     assert json.loads(out.read_text()) == meta
     assert meta | {"exif": None, "dominant_colour": None, "blurhash": None} == meta | {
-        "format": "jpeg", "content_type": "image/jpeg", "width": 120, "height": 80, "pages": 1,
+        "format": "jpeg", "content_type": "image/jpeg", "width": 120, "height": 80, "pages": 1, "frames": 1,
         "bands": 3, "colour_space": "srgb", "has_alpha": False, "orientation": 1, "icc_profile": False,
-        "bytes": src.stat().st_size, "exif": None, "dominant_colour": None, "blurhash": None,
+        "size": src.stat().st_size, "exif": None, "dominant_colour": None, "blurhash": None,
     }
     assert meta["exif"] == {"make": "TestCam", "model": "Model X", "lens_model": "Lens 50mm",
                             "date_time_original": "2024-05-01T12:34:56", "f_number": 2.8}
@@ -680,7 +680,7 @@ def test_metadata_orientation_and_display_size(tmp_path: Path) -> None:
 
 def test_metadata_animation_alpha_cmyk_and_depth(tmp_path: Path) -> None:
     meta = run("image/metadata", media.write_animated(tmp_path / "a.gif"), tmp_path, "1.json")[0]["metadata"]
-    assert (meta["pages"], meta["animated"], meta["width"], meta["height"]) == (3, True, 40, 40)
+    assert (meta["pages"], meta["frames"], meta["animated"], meta["width"], meta["height"]) == (3, 3, True, 40, 40)
     meta = run("image/metadata", media.write_alpha(tmp_path / "a.png"), tmp_path, "2.json")[0]["metadata"]
     assert (meta["has_alpha"], meta["bands"]) == (True, 4)
     meta = run("image/metadata", media.write_cmyk(tmp_path / "c.jpg"), tmp_path, "3.json")[0]["metadata"]
