@@ -13,6 +13,7 @@ libvips settings made once by `block_untrusted`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import gzip
 import math
@@ -552,12 +553,23 @@ def save(image: Any, dst_path: str, fmt: str, *, strip_metadata: bool = True,
         getattr(image, saver)(tmp, **options)
     except pyvips.Error as exc:
         _unlink(tmp)
+        full = _disk_full(str(exc))
+        if full is not None:  # the pool turns this into a retried "temp directory full" sentence
+            raise OSError(full, os.strerror(full), tmp) from None
         raise vips_failure(exc, f"write {fmt.upper()}") from None
     except BaseException:
         _unlink(tmp)
         raise
     os.replace(tmp, dst_path)
     return describe(image, fmt, mime)
+
+
+def _disk_full(message: str) -> int | None:
+    """The errno of a full disk or file-size limit named in a libvips error, if any."""
+    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if f"system error: {os.strerror(code)}" in message:
+            return code
+    return None
 
 
 def describe(image: Any, fmt: str, mime: str | None = None) -> dict[str, Any]:

@@ -249,6 +249,11 @@ _CANDIDATE_PARAMS: list[dict[str, Any]] = [
 ]
 
 
+# Per-operation additions: a crop reads only its region, so take it from the bottom,
+# where a truncated file's data is missing.
+_OVERRIDES: dict[str, dict[str, Any]] = {"image/crop": {"gravity": "south"}}
+
+
 def minimal_params(op: Operation, dest_key: str) -> dict[str, Any] | None:
     """Operation parameters (besides the common fields) the model accepts, or None."""
     base = {"source_bucket": "media", "source_key": "x.bin", "dest_bucket": "media", "dest_key": dest_key}
@@ -263,6 +268,7 @@ def minimal_params(op: Operation, dest_key: str) -> dict[str, Any] | None:
             elif name in extra_keys:
                 params[name] = "x.bin"
         params = {k: v for k, v in params.items() if k in op.model.model_fields}
+        params |= {k: v for k, v in _OVERRIDES.get(op.name, {}).items() if k in op.model.model_fields}
         try:
             op.model.model_validate(base | params)
         except Exception:
