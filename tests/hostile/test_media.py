@@ -103,3 +103,36 @@ def _with_source(op_name: str, params: dict[str, Any], file_name: str) -> dict[s
         if key_field in out:
             out[key_field] = file_name
     return out
+
+
+def _svg(inner: str, doctype: str = "") -> bytes:
+    return (
+        f'<?xml version="1.0"?>{doctype}<svg xmlns="http://www.w3.org/2000/svg" '
+        f'xmlns:xlink="http://www.w3.org/1999/xlink" width="32" height="32">{inner}'
+        '<rect width="32" height="32" fill="blue"/></svg>'
+    ).encode()
+
+
+async def test_hostile_svg_each_trick_is_refused_by_name(
+    canary: Canary, config_factory: Any, client_factory: Any, buckets: Path
+) -> None:
+    client = await client_factory(config_factory())
+    url = canary.url
+    cases = {
+        "script.svg": (_svg("<script>alert(1)</script>"), "script"),
+        "onload.svg": (_svg(f'<g onload="fetch(\'{url}/onload\')"/>'), "script"),
+        "xxe.svg": (_svg("<text>&x;</text>", '<!DOCTYPE svg [<!ENTITY x SYSTEM "file:///etc/passwd">]>'), "entities"),
+        "billion.svg": (_svg("<text>&b;</text>", '<!DOCTYPE svg [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;">]>'), "entities"),
+        "href.svg": (_svg(f'<image href="{url}/image.png" width="8" height="8"/>'), "external"),
+        "xlink.svg": (_svg('<image xlink:href="file:///etc/passwd" width="8" height="8"/>'), "external"),
+        "css.svg": (_svg(f'<style>@import url("{url}/x.css");</style>'), "stylesheet"),
+        "cssurl.svg": (_svg(f'<rect style="fill: url({url}/paint#p)" width="4" height="4"/>'), "external"),
+    }
+    ids = {}
+    for name, (data, _) in cases.items():
+        (buckets / "media" / name).write_bytes(data)
+        ids[name] = await submit(client, "image/resize", job_body(name, f"svg/{name}.png", width=16))
+    for name, job_id in ids.items():
+        error = assert_failed_with_sentence(await wait_for_job(client, job_id))
+        assert cases[name][1] in error, (name, error)
+    assert canary.hits == []
