@@ -13,6 +13,7 @@ S3 server that a test switches between ``pass``, ``down``, ``slow``, ``reset``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import os
@@ -380,6 +381,7 @@ class FaultProxy:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._session: ClientSession | None = None
+        self._released = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -399,6 +401,7 @@ class FaultProxy:
         await self._site.start()
 
     async def stop(self) -> None:
+        self._released.set()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
@@ -442,7 +445,8 @@ class FaultProxy:
             )
             return web.Response(status=status, text=body if request.method != "HEAD" else None, content_type="application/xml")
         if fault == "slow":
-            await asyncio.sleep(self.delay_s)
+            with contextlib.suppress(TimeoutError):  # stop() releases the sleepers at once
+                await asyncio.wait_for(self._released.wait(), self.delay_s)
         return await self._forward(request)
 
     async def _forward(self, request: web.Request) -> web.Response:
