@@ -26,7 +26,7 @@ import logging
 import orjson
 from aiohttp import web
 
-from .errors import BadRequest, NotFound
+from .errors import NotFound
 from .http import REQUEST_ID
 from .keys import CONFIG, EVENT_HUB, STORE
 from .models import Event
@@ -34,6 +34,7 @@ from .models import Event
 log = logging.getLogger("mendsrv.sse")
 
 KEEP_ALIVE = b": keep-alive\n\n"
+MAX_EVENT_ID = 2**63 - 1  # SQLite INTEGER
 
 
 class _ClientGone(Exception):
@@ -46,16 +47,12 @@ def encode(event: Event) -> bytes:
 
 
 def last_event_id(request: web.Request) -> int | None:
-    raw = request.headers.get("Last-Event-ID")
-    if raw is None or raw.strip() == "":
+    """The ``Last-Event-ID`` header as an event id; None when absent or not an id of ours
+    (EventSource sends back whatever id it saw last: anything else reads as "no id")."""
+    raw = request.headers.get("Last-Event-ID", "").strip()
+    if not raw.isdecimal() or not raw.isascii():
         return None
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise BadRequest("Last-Event-ID must be the id of an event from this stream (a non-negative integer)")
-    return value
+    return min(int(raw), MAX_EVENT_ID)
 
 
 def from_current_state(history: list[Event]) -> list[Event]:
@@ -77,6 +74,11 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     sub = hub.subscribe(job_id)  # first subscribe, then replay: nothing falls in between
     try:
         history = await store.events_after(job_id, after or 0)
+        if after is not None and not history:
+            everything = await store.events_after(job_id, 0)
+            if everything and after > everything[-1].id:
+                after = None  # an id this job never had: start from the current state
+                history = everything
         if after is None:
             history = from_current_state(history)
         response = web.StreamResponse(
