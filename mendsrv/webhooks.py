@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -204,8 +205,18 @@ def _refused_in(exc: BaseException) -> RefusedTarget | None:
 class WebhookSender:
     """Delivers due webhook deliveries. ``await start()`` / ``await stop()``."""
 
-    def __init__(self, cfg: WebhooksConfig, store: Store, *, poll_interval_s: float = POLL_INTERVAL_S):
+    def __init__(
+        self,
+        cfg: WebhooksConfig,
+        store: Store,
+        *,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        on_attempt: Callable[[str], None] | None = None,
+    ):
+        """``on_attempt(result)`` hears of every attempt: ``delivered``, ``retry``,
+        ``failed`` (given up) or ``refused`` (a non-public target), e.g. for metrics."""
         self.cfg = cfg
+        self.on_attempt = on_attempt
         self.store = store
         self.policy = RetryPolicy(cfg.max_attempts, base=cfg.retry_base_s, factor=2.0, cap=cfg.retry_cap_s)
         self.poll_interval_s = poll_interval_s
@@ -320,6 +331,12 @@ class WebhookSender:
         await self.store.record_attempt(
             delivery["id"], status_code=status_code, error=error, delivered=delivered, next_retry_at=next_retry_at
         )
+        if self.on_attempt is not None:
+            result = "delivered" if delivered else "retry" if next_retry_at else "failed" if retry else "refused"
+            try:
+                self.on_attempt(result)
+            except Exception:
+                log.exception("webhook attempt hook failed")
         log.log(
             logging.INFO if delivered else logging.WARNING,
             "webhook delivered" if delivered else ("webhook attempt failed" if next_retry_at else "webhook given up"),

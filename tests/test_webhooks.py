@@ -295,3 +295,43 @@ async def test_webhook_pending_delivery_survives_sigkill(
                 break
             await asyncio.sleep(0.05)
     server.terminate()
+
+
+@pytest.mark.parametrize(
+    ("webhooks", "plan", "expected"),
+    [
+        ({"max_attempts": 3}, [500], ["retry", "delivered"]),
+        ({"max_attempts": 1}, [500], ["failed"]),
+        ({"allow_private_networks": False}, [], ["refused"]),
+    ],
+)
+async def test_webhook_sender_reports_each_attempt(
+    tmp_path: Path, receiver: Receiver, webhooks: dict[str, Any], plan: list[int], expected: list[str]
+) -> None:
+    from mendsrv.config import WebhooksConfig
+    from mendsrv.models import Status
+    from mendsrv.store import open_store
+    from mendsrv.webhooks import WebhookSender
+
+    receiver.plan = list(plan)
+    store = await open_store(str(tmp_path / "hooks.db"))
+    results: list[str] = []
+    cfg = WebhooksConfig(**{"allow_private_networks": True, "retry_base_s": 0.05, **webhooks})
+    sender = WebhookSender(cfg, store, on_attempt=results.append)
+    await sender.start()
+    try:
+        job, _ = await store.insert_job(
+            job_id="job-1", type="image/resize", resource="cpu", params=job_body(), request_id=None,
+            webhook_url=receiver.url(), webhook_style="default",
+        )
+        await store.fail(job.id, "it broke", allowed=[Status.PENDING])
+        async with asyncio.timeout(20):
+            while len(results) < len(expected):
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert results == expected
+        attempts = await store.list_attempts(job.id)
+        assert len(attempts) == len(expected) and attempts[-1]["next_retry_at"] is None
+    finally:
+        await sender.stop()
+        await store.close()
