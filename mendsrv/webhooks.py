@@ -225,6 +225,8 @@ class WebhookSender:
         self._task: asyncio.Task[None] | None = None
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(cfg.concurrency)
+        self._finished_during_read: set[int] = set()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -282,24 +284,30 @@ class WebhookSender:
                     await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _start_due(self) -> None:
-        free = self.cfg.concurrency - len(self._inflight)
-        if free <= 0:
+        """Start an attempt for every due delivery not already in flight.
+
+        A store shared by several nodes leases the rows it returns to this node, so every
+        row returned is started at once; ``_slots`` keeps at most ``webhooks.concurrency``
+        requests open, and fetching stops while that many attempts are in flight.
+        """
+        if len(self._inflight) >= self.cfg.concurrency:
             return
-        due = await self.store.due_deliveries(limit=self.cfg.concurrency + len(self._inflight))
+        # An attempt that finishes while the read runs may be missing from its result:
+        # its row could still look due. Attempts that finished earlier committed first.
+        self._finished_during_read = set()
+        due = await self.store.due_deliveries(limit=self.cfg.concurrency)
         for delivery in due:
-            if free <= 0:
-                break
-            if delivery["id"] in self._inflight:
+            if delivery["id"] in self._inflight or delivery["id"] in self._finished_during_read:
                 continue
             task = asyncio.create_task(self._deliver(delivery), name=f"webhook-{delivery['id']}")
             self._inflight[delivery["id"]] = task
             task.add_done_callback(self._done)
-            free -= 1
 
     def _done(self, task: asyncio.Task[None]) -> None:
         for delivery_id, t in list(self._inflight.items()):
             if t is task:
                 del self._inflight[delivery_id]
+                self._finished_during_read.add(delivery_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook delivery task failed", exc_info=task.exception())
         self.wake()
@@ -316,6 +324,10 @@ class WebhookSender:
         return min(delay, self.poll_interval_s)
 
     async def _deliver(self, delivery: dict[str, Any]) -> None:
+        async with self._slots:
+            await self._attempt(delivery)
+
+    async def _attempt(self, delivery: dict[str, Any]) -> None:
         attempt = delivery["attempts"] + 1
         body = build_body(delivery["style"], delivery["event"], delivery["job"])
         msg_id = f"msg_{delivery['id']}_{delivery['job_id']}"

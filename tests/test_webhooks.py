@@ -335,3 +335,23 @@ async def test_webhook_sender_reports_each_attempt(
     finally:
         await sender.stop()
         await store.close()
+
+
+async def test_webhook_many_deliveries_each_sent_once(
+    client_factory: Any, config_factory: Any, receiver: Receiver
+) -> None:
+    client = await client_factory(config_factory(webhooks={"concurrency": 4}))
+    receiver.plan = [500] * 10  # the first ten attempts fail and are retried
+    jobs = [
+        await submit(client, job_body(f"missing-{i}.jpg", width=10, webhook_url=receiver.url(f"/hook/{i}")))
+        for i in range(60)
+    ]
+    attempts = {job_id: await wait_deliveries(client, job_id, final, timeout=60) for job_id in jobs}
+    await asyncio.sleep(0.5)
+    assert sum(len(a) for a in attempts.values()) >= 70
+    for i, job_id in enumerate(jobs):
+        sent = receiver.at(f"/hook/{i}")
+        # every request is a recorded attempt; only the last one was answered 2xx
+        assert [a["status_code"] for a in attempts[job_id]][-1] == 200
+        assert len(sent) == len(attempts[job_id])
+        assert {r.headers["webhook-id"] for r in sent} == {f"msg_{sent[0].headers['webhook-id'].split('_')[1]}_{job_id}"}
