@@ -266,8 +266,9 @@ async def test_webhook_no_deliveries_without_webhook_url(client: Any) -> None:
     assert resp.status == 404
 
 
-async def test_webhook_pending_delivery_survives_sigkill(
-    server_process: Any, receiver: Receiver, http: ClientSession
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+async def test_webhook_pending_delivery_survives_restart(
+    server_process: Any, receiver: Receiver, http: ClientSession, stop: str
 ) -> None:
     receiver.hold = asyncio.Event()  # the first attempt gets no answer: it is in flight at the kill
     server = server_process(sections={"webhooks": {"retry_base_s": 0.2}}).start()
@@ -279,7 +280,10 @@ async def test_webhook_pending_delivery_survives_sigkill(
     assert resp.status == 202
     job_id = (await resp.json())["job_id"]
     (first,) = await receiver.wait_for(1)
-    server.kill()
+    if stop == "SIGKILL":
+        server.kill()
+    else:
+        assert await asyncio.to_thread(server.terminate) == 0
     assert first.json["job"]["job_id"] == job_id
 
     server.start()
@@ -355,3 +359,29 @@ async def test_webhook_many_deliveries_each_sent_once(
         assert [a["status_code"] for a in attempts[job_id]][-1] == 200
         assert len(sent) == len(attempts[job_id])
         assert {r.headers["webhook-id"] for r in sent} == {f"msg_{sent[0].headers['webhook-id'].split('_')[1]}_{job_id}"}
+
+
+@pytest.mark.parametrize("style", ["default", "discord"])
+async def test_webhook_cancelled_job_delivers_once(client: Any, receiver: Receiver, style: str) -> None:
+    from mendsrv.keys import STORE
+
+    # a job no worker lane claims, so that it is still pending when cancelled
+    job, _ = await client.app[STORE].insert_job(
+        job_id="cancel-me", type="image/resize", resource="held", params=job_body(width=10),
+        request_id=None, webhook_url=receiver.url(), webhook_style=style,
+    )
+    resp = await client.post(f"/api/v1/jobs/{job.id}/cancel", headers=AUTH)
+    assert resp.status == 200
+    cancelled = await resp.json()
+    (sent,) = await receiver.wait_for(1)
+    await wait_deliveries(client, job.id, final)
+    if style == "default":
+        assert sent.json == {"event": "job.cancelled", "job": cancelled, "timestamp": cancelled["finished_at"]}
+    else:
+        (embed,) = sent.json["embeds"]
+        assert embed["color"] == 0x95A5A6 and "cancelled" in embed["title"]
+        fields = {f["name"]: f["value"] for f in embed["fields"]}
+        assert fields["Status"] == "cancelled" and fields["Duration"] == "not started"
+        assert fields["Error"] == "cancelled by request"
+    await asyncio.sleep(0.3)
+    assert len(receiver.requests) == 1
