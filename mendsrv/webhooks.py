@@ -163,6 +163,14 @@ def refusal(address: str) -> str | None:
     return None
 
 
+def numeric_ipv4(host: str) -> str | None:
+    """The address a loose numeric IPv4 spelling stands for (127.1, 2130706433, 0177.0.0.1)."""
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except (OSError, UnicodeError, ValueError):
+        return None
+
+
 class GuardedResolver(AbstractResolver):
     """Resolves like aiohttp does, then refuses if any address is not public.
 
@@ -367,7 +375,7 @@ class WebhookSender:
         assert self._session is not None
         if not self.cfg.allow_private_networks:
             host = URL(url).host or ""
-            reason = refusal(host)  # an IP literal never reaches the resolver
+            reason = refusal(host) or refusal(numeric_ipv4(host) or "")  # IP literals skip the resolver
             if reason:
                 return None, self._refused_message(f"{host} is {reason}"), False
         try:
