@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import shutil
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -196,3 +198,61 @@ async def test_crash_temp_dir_gone_is_retried_then_a_sentence(
     assert (await wait_for_job(client, (await resp.json())["job_id"]))["status"] == "completed"
     resp = await client.post(f"/api/v1/jobs/{job['job_id']}/retry", headers=AUTH)
     assert (await wait_for_job(client, job["job_id"]))["status"] == "completed"
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if f"\nPPid:\t{pid}\n" in status:
+                out.add(int(entry.name))
+    return out
+
+
+async def test_crash_worker_killed_in_a_real_server(server_process: Any, tmp_path: Path) -> None:
+    """SIGKILL the pool worker running a job (its pid from the job's temp dir, checked
+    against the server's /proc children): the pool is rebuilt, that job runs again and
+    completes, and no other job is lost."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    server = server_process({
+        "storage": {"temp_dir": str(staging)},
+        "workers": {"processes": 2, "max_attempts": 3, "retry_base_s": 0.05},
+    }).start()
+    media = tmp_path / "data" / "buckets" / "media"
+    write_jpeg(media / "big.jpg", 2000, 2000, Q=95)
+    write_jpeg(media / "small.jpg", 200, 150)
+    assert server.proc is not None
+    async with aiohttp.ClientSession() as http:
+
+        async def submit(body: dict[str, Any]) -> str:
+            async with http.post(f"{server.url}/api/v1/jobs/image/resize", json=body, headers=AUTH) as resp:
+                assert resp.status == 202, await resp.text()
+                return str((await resp.json())["job_id"])
+
+        victim = await submit(job_body("big.jpg", "victim.avif", width=2000))
+        deadline = time.monotonic() + 30
+        pid = None
+        while pid is None:
+            for pid_file in staging.glob(f"mend-{victim[:8]}-*/out/.worker-pid"):
+                with contextlib.suppress(OSError, ValueError):
+                    pid = int(pid_file.read_text())
+            assert time.monotonic() < deadline, "the job never reached a worker"
+            await asyncio.sleep(0.01)
+        others = [await submit(job_body("small.jpg", f"o{i}.jpg", width=50)) for i in range(8)]
+        before = _children(server.proc.pid)
+        assert pid in before  # the pid file names a child of the server
+        os.kill(pid, signal.SIGKILL)
+        jobs = await _wait(http, server.url, [victim, *others], timeout=120)
+        assert jobs[0]["status"] == "completed" and jobs[0]["attempts"] >= 2, jobs[0]
+        for job in jobs[1:]:
+            assert job["status"] == "completed", job
+        assert pid not in _children(server.proc.pid)
+        assert _children(server.proc.pid) - before  # new worker processes: the pool was rebuilt
+    server.terminate()
+    check, _ = _integrity(tmp_path / "data" / "mend.db")
+    assert check == "ok"
