@@ -52,6 +52,8 @@ def last_event_id(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID", "").strip()
     if not raw.isdecimal() or not raw.isascii():
         return None
+    if len(raw) > len(str(MAX_EVENT_ID)):  # int() refuses thousands of digits; past the max anyway
+        return MAX_EVENT_ID
     return min(int(raw), MAX_EVENT_ID)
 
 

@@ -138,3 +138,18 @@ async def test_hostile_auth_headers(client: Any) -> None:
     ):
         resp = await client.get("/api/v1/jobs", headers=headers)
         await _error(resp, 401)
+
+
+async def test_hostile_sse_last_event_ids(client: Any, buckets: Path) -> None:
+    """Odd Last-Event-ID values never break the stream of a finished job; unknown jobs are 404."""
+    write_jpeg(buckets / "media" / "in.jpg", 64, 48)
+    resp = await client.post(SUBMIT, json=job_body(width=16), headers=AUTH)
+    job_id = (await resp.json())["job_id"]
+    await wait_for_job(client, job_id)
+    for value in ("-1", "abc", "9" * 400, "9" * 5000, "1e9", "\u0661\u0662", "0", " 3 ", "0x10", "\u00b2"):
+        resp = await client.get(f"/api/v1/jobs/{job_id}/stream", headers=AUTH | {"Last-Event-ID": value})
+        assert resp.status == 200, (value, resp.status)
+        text = await asyncio.wait_for(resp.text(), 10)  # the stream ends after the terminal event
+        assert "completed" in text or text.strip() == "", (value[:20], text[:200])
+    resp = await client.get("/api/v1/jobs/00000000-0000-0000-0000-000000000000/stream", headers=AUTH)
+    await _error(resp, 404)
