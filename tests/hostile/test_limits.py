@@ -156,3 +156,31 @@ def test_limits_every_limit_has_a_configuration_key() -> None:
         assert key in LimitsConfig.model_fields
     assert "max_body_bytes" in ServerConfig.model_fields and "job_timeout_s" in WorkersConfig.model_fields
     assert REGISTRY  # operations are registered
+
+
+@pytest.mark.skipif("video" not in families(), reason="no video operations registered")
+async def test_limit_video_limits_name_their_keys(
+    config_factory: Any, client_factory: Any, buckets: Path, corpus_bytes: dict[str, bytes]
+) -> None:
+    """Video: output size, preview frames and duration each stop the job with the key's name."""
+    if "clip.mp4" not in corpus_bytes:
+        pytest.skip("no ffmpeg to make a clip")
+    client = await client_factory(
+        config_factory(limits={"max_output_pixels": 1_000_000, "max_frames": 5, "max_duration_s": 0.5})
+    )
+    (buckets / "media" / "clip.mp4").write_bytes(corpus_bytes["clip.mp4"])
+    cases = [
+        ("video/preview", {"fps": 10, "duration": 1}, "limits.max_frames"),
+        ("video/metadata", {}, "limits.max_duration_s"),
+        ("video/transcode", {}, "limits.max_duration_s"),
+    ]
+    for name, params, key in cases:
+        if name not in REGISTRY:
+            continue
+        job_id = await submit(client, name, job_body("clip.mp4", f"v/{name}.out", **params))
+        assert_failed_with_sentence(await wait_for_job(client, job_id, timeout=60), names=key)
+    client2 = await client_factory(config_factory(limits={"max_output_pixels": 1_000_000}))
+    job_id = await submit(client2, "video/transcode", job_body("clip.mp4", "v/big.mp4", width=4000, height=4000))
+    job = await wait_for_job(client2, job_id, timeout=60)
+    if job["status"] == "failed":  # a transcode never enlarges past the source on some builds
+        assert "limits.max_output_pixels" in job["error"], job["error"]
