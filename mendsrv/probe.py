@@ -189,7 +189,9 @@ def _seconds(value: int | None, unit: float) -> float | None:
 
 def _stream_info(stream: Any) -> StreamInfo:
     cc = stream.codec_context
-    codec = cc.name if cc is not None else None
+    codec = None
+    if cc is not None:
+        codec = cc.codec.canonical_name if cc.codec is not None else cc.name
     info = StreamInfo(
         index=stream.index,
         type=stream.type,
@@ -226,3 +228,26 @@ def _rotation(container: Any, index: int) -> int:
     # PyAV reports counter-clockwise degrees; players turn the picture clockwise by the
     # negation, which is also what the legacy "rotate" tag held.
     return int(round(-frame.rotation)) % 360
+
+
+async def probe_source(path: str, limits: Limits, *, need: str | None = None) -> MediaInfo:
+    """Probe a job's source off the event loop; `need` is "video" or "audio"."""
+    import asyncio
+
+    info = await asyncio.to_thread(probe, path, limits)
+    if need == "video" and info.video is None:
+        raise JobFailed("the source has no video stream")
+    if need == "audio" and info.audio is None:
+        raise JobFailed("the source has no audio stream")
+    return info
+
+
+def count_frames(path: str) -> int:
+    """The number of video frames (packets) in a file we wrote."""
+    import av
+
+    with av.open(path, options=open_options()) as container:
+        if not container.streams.video:
+            return 0
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
