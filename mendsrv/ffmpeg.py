@@ -18,9 +18,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import JobFailed
-from .ops.base import Progress, RunContext
+
+if TYPE_CHECKING:  # ops.base imports the registry, which imports us
+    from .ops.base import Progress, RunContext
 
 STDERR_TAIL_BYTES = 64 * 1024
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import JobFailed
-from .ops.base import Limits
+
+if TYPE_CHECKING:  # ops.base imports the registry, which imports us
+    from .ops.base import Limits
 
 # Demuxers for self-contained media files. Playlist, concat, manifest, session
 # description and device formats are deliberately absent.
@@ -144,7 +146,10 @@ def probe(path: str, limits: Limits | None = None) -> MediaInfo:
     """Describe a local media file, enforcing the size and duration limits."""
     import av
 
-    limits = limits or Limits()
+    if limits is None:
+        from .ops.base import Limits
+
+        limits = Limits()
     size = check_size(path, limits)
     sniff(path)
     try:
@@ -243,11 +248,27 @@ async def probe_source(path: str, limits: Limits, *, need: str | None = None) ->
 
 
 def count_frames(path: str) -> int:
-    """The number of video frames (packets) in a file we wrote."""
+    """The number of video frames (packets; ANMF chunks for WebP) in a file we wrote."""
     import av
 
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return _webp_frames(path)
     with av.open(path, options=open_options()) as container:
         if not container.streams.video:
             return 0
         stream = container.streams.video[0]
         return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def _webp_frames(path: str) -> int:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    frames, pos = 0, 12
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if data[pos : pos + 4] == b"ANMF":
+            frames += 1
+        pos += 8 + size + (size & 1)
+    return frames or 1
