@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from pathlib import Path
 
@@ -98,11 +97,13 @@ async def test_runner_wait_for_timeout_kills_the_child(clip: Path) -> None:
     assert ffmpeg_children() == []
 
 
-async def test_runner_failure_is_a_sentence_from_stderr(tmp_path: Path) -> None:
-    garbage = tmp_path / "garbage.bin"
-    garbage.write_bytes(random.Random(5).randbytes(8000))
+async def test_runner_failure_is_a_sentence_from_stderr(tmp_path: Path, clip: Path) -> None:
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(clip.read_bytes()[:4000])  # the moov box is at the end
     with pytest.raises(JobFailed) as caught:
-        await run_ffmpeg(context(), [Input(str(garbage))], ["-f", "null", "-"], what="decode the source")
+        await run_ffmpeg(
+            context(), [Input(str(truncated), format="mov")], ["-f", "null", "-"], what="decode the source"
+        )
     message = caught.value.message
     assert message.startswith("ffmpeg could not decode the source: ")
     assert "Invalid data found when processing input" in message
