@@ -62,7 +62,8 @@ _AUDIO = {
 
 
 def even(value: float) -> int:
-    return max(2, int(round(value / 2)) * 2)
+    """Round down to an even size (so a fitted size never exceeds its box), at least 2."""
+    return max(2, int(value / 2 + 1e-6) * 2)
 
 
 def fit_size(src_w: int, src_h: int, width: int | None, height: int | None, enlarge: bool = True) -> tuple[int, int]:
