@@ -391,7 +391,6 @@ async def test_trim_reencoded_is_accurate_to_a_tenth_of_a_second(media: dict[str
     assert info.duration == pytest.approx(1.48, abs=DURATION_TOLERANCE)
     assert count_frames(str(out)) == pytest.approx(37, abs=1)
     assert result["copied"] is False
-    # the first frame is the source's frame at 0.52 s (testsrc2 draws a moving pattern)
     assert result["output"]["content_type"] == "video/mp4"
 
 
