@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import time
 from collections import deque
@@ -29,10 +30,17 @@ STDERR_TAIL_BYTES = 64 * 1024
 
 
 def default_ffmpeg() -> str:
-    """The ffmpeg bundled by imageio-ffmpeg (a configured path wins elsewhere)."""
+    """The ffmpeg bundled by imageio-ffmpeg."""
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def resolve_ffmpeg(configured: str | None) -> str:
+    """A configured path (or command on PATH) wins; otherwise the bundled binary."""
+    if configured and (os.sep in configured or shutil.which(configured)):
+        return configured
+    return default_ffmpeg()
 
 
 @dataclass
@@ -59,7 +67,7 @@ def build_argv(
 ) -> list[str]:
     """The full ffmpeg command line for `inputs` and the output options `output`."""
     argv = [
-        ctx.ffmpeg,
+        resolve_ffmpeg(ctx.ffmpeg),
         "-hide_banner",
         "-nostdin",
         "-nostats",
@@ -163,23 +171,36 @@ async def run_ffmpeg(
         while tail_size[0] > STDERR_TAIL_BYTES and len(tail) > 1:
             tail_size[0] -= len(tail.popleft())
 
+    async def lines(stream: asyncio.StreamReader, handle: Callable[[str], None]) -> None:
+        # chunked, not readline(): a line longer than the reader's limit must not fail the job
+        pending = b""
+        while chunk := await stream.read(65536):
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                handle(raw.decode("utf-8", "replace").rstrip("\r"))
+            if len(pending) > STDERR_TAIL_BYTES:
+                pending = pending[-STDERR_TAIL_BYTES:]
+        if pending:
+            handle(pending.decode("utf-8", "replace").rstrip("\r"))
+
+    def on_stderr(line: str) -> None:
+        if data is not None and _PROGRESS_LINE.match(line):
+            parser.line(line)
+        else:
+            keep(line)
+
     async def read_stdout() -> None:
         assert proc.stdout is not None
-        if data is not None:
-            while chunk := await proc.stdout.read(256 * 1024):
-                data(chunk)
+        if data is None:
+            await lines(proc.stdout, lambda line: parser.line(line.strip()))
             return
-        async for raw in proc.stdout:
-            parser.line(raw.decode("utf-8", "replace").strip())
+        while chunk := await proc.stdout.read(256 * 1024):
+            data(chunk)
 
     async def read_stderr() -> None:
         assert proc.stderr is not None
-        async for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if data is not None and _PROGRESS_LINE.match(line):
-                parser.line(line)
-            else:
-                keep(line)
+        await lines(proc.stderr, on_stderr)
 
     readers = [asyncio.ensure_future(read_stdout()), asyncio.ensure_future(read_stderr())]
     try:

@@ -65,6 +65,8 @@ class StreamInfo:
     frame_rate: float | None = None
     frames: int | None = None
     pix_fmt: str | None = None
+    sample_aspect_ratio: float | None = None  # pixel shape, when not square
+    attached_pic: bool | None = None  # cover art, not a video
     sample_rate: int | None = None
     channels: int | None = None
     channel_layout: str | None = None
@@ -84,7 +86,8 @@ class MediaInfo:
 
     @property
     def video(self) -> StreamInfo | None:
-        return next((s for s in self.streams if s.type == "video"), None)
+        """The first real video stream (cover art does not count)."""
+        return next((s for s in self.streams if s.type == "video" and not s.attached_pic), None)
 
     @property
     def audio(self) -> StreamInfo | None:
@@ -96,9 +99,12 @@ class MediaInfo:
         v = self.video
         if v is None or not v.width or not v.height:
             return None
+        width = v.width
+        if v.sample_aspect_ratio:
+            width = max(1, round(v.width * v.sample_aspect_ratio))
         if v.rotation in (90, 270, -90, -270):
-            return v.height, v.width
-        return v.width, v.height
+            return v.height, width
+        return width, v.height
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -193,6 +199,8 @@ def _seconds(value: int | None, unit: float) -> float | None:
 
 
 def _stream_info(stream: Any) -> StreamInfo:
+    import av
+
     cc = stream.codec_context
     codec = None
     if cc is not None:
@@ -212,6 +220,11 @@ def _stream_info(stream: Any) -> StreamInfo:
         info.frame_rate = round(float(rate), 3) if rate else None
         info.frames = stream.frames or None
         info.pix_fmt = cc.pix_fmt
+        sar = stream.sample_aspect_ratio or cc.sample_aspect_ratio
+        if sar and sar != 1:
+            info.sample_aspect_ratio = round(float(sar), 6)
+        if stream.disposition & av.stream.Disposition.attached_pic:
+            info.attached_pic = True
     elif stream.type == "audio" and cc is not None:
         info.sample_rate = cc.sample_rate or None
         layout = cc.layout

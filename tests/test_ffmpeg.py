@@ -141,3 +141,25 @@ def test_error_reason_drops_addresses_wrappers_and_paths() -> None:
     assert error_reason(["x"], -9) == "ffmpeg was killed by signal 9"
     reason = error_reason(["[mp4 @ 0x1] could not open /tmp/job-1/out/x.mp4"], 1)
     assert "/tmp" not in reason
+
+
+def test_resolve_ffmpeg_prefers_a_configured_path_else_the_bundled_binary() -> None:
+    from mendsrv.ffmpeg import default_ffmpeg, resolve_ffmpeg
+
+    assert resolve_ffmpeg("/opt/ffmpeg/bin/ffmpeg") == "/opt/ffmpeg/bin/ffmpeg"
+    assert resolve_ffmpeg("") == default_ffmpeg()
+    assert resolve_ffmpeg("no-such-ffmpeg-on-path") == default_ffmpeg()
+
+
+async def test_runner_survives_a_huge_stderr_line(tmp_path: Path) -> None:
+    # a stand-in binary: one stderr line far over asyncio's 64 KiB readline limit, then the reason
+    fake = tmp_path / "ffmpeg"
+    fake.write_text(
+        "#!/bin/sh\nhead -c 200000 /dev/zero | tr '\\0' x >&2\necho >&2\n"
+        "echo 'Unknown encoder no-such-encoder' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    ctx = context()
+    ctx.ffmpeg = str(fake)
+    with pytest.raises(JobFailed, match="ffmpeg could not encode: Unknown encoder no-such-encoder$"):
+        await run_ffmpeg(ctx, [Input("/dev/null")], ["-f", "null", "-"], what="encode")

@@ -464,3 +464,33 @@ async def test_metadata_of_a_corrupt_file_is_a_sentence(media: dict[str, Path], 
     with pytest.raises(JobFailed, match="not a media file ffmpeg can read"):
         await video.run_metadata(str(broken), str(out), params(video.VideoMetadataParams, "m.json"), Progress(), context())
 
+
+
+async def test_transcode_applies_the_pixel_aspect_of_anamorphic_sources(tmp_path: Path, out: Path) -> None:
+    src = tmp_path / "anamorphic.mkv"
+    make_video(src, seconds=1, audio=False)
+    squeezed = tmp_path / "squeezed.mkv"
+    from tests.av_media import ffmpeg
+
+    ffmpeg("-i", str(src), "-vf", "setsar=4/3", "-c:v", "libx264", "-preset", "ultrafast", str(squeezed))
+    assert probe(str(squeezed)).display_size == (427, 240)
+    p = params(video.TranscodeParams, "o.mp4", preset="ultrafast")
+    result = await video.run_transcode(str(squeezed), str(out), p, Progress(), context())
+    assert (result["output"]["width"], result["output"]["height"]) == (426, 240)
+
+
+async def test_cover_art_is_not_a_video_stream(tmp_path: Path, out: Path) -> None:
+    from tests.av_media import ffmpeg
+
+    song = tmp_path / "song.mp3"
+    ffmpeg("-f", "lavfi", "-i", "sine=d=1", "-f", "lavfi", "-i", "color=c=red:s=64x64:d=1",
+           "-map", "1:v", "-map", "0:a", "-frames:v", "1", "-c:v", "png", "-disposition:v", "attached_pic",
+           "-c:a", "libmp3lame", str(song))
+    info = probe(str(song))
+    assert info.video is None and info.audio is not None
+    assert any(s.attached_pic for s in info.streams)
+    with pytest.raises(JobFailed, match="the source has no video stream"):
+        await video.run_thumbnail(str(song), str(out), params(video.ThumbnailParams, "t.jpg"), Progress(), context())
+    result = await video.run_extract_audio(str(song), str(out), params(video.ExtractAudioParams, "a.wav"),
+                                           Progress(), context())
+    assert result["output"]["audio_codec"] == "pcm_s16le"

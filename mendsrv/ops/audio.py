@@ -136,6 +136,13 @@ def clip_options(start: float, duration: float | None) -> list[str]:
     return opts
 
 
+def audio_map(info: MediaInfo) -> str:
+    """The ffmpeg stream specifier of the audio stream probing chose."""
+    if info.audio is None:
+        raise JobFailed("the source has no audio stream")
+    return f"0:{info.audio.index}"
+
+
 def source_input(src_path: str, info: MediaInfo, options: list[str] | None = None) -> Input:
     """The source as an ffmpeg input, with the demuxer probing found forced."""
     return Input(src_path, options=list(options or []), format=info.format)
@@ -192,7 +199,7 @@ async def encode_audio(
         ctx,
         [source_input(src_path, info, clip_options(start, duration))],
         [
-            "-map", "0:a:0", "-vn", "-sn", "-dn",
+            "-map", audio_map(info), "-vn", "-sn", "-dn",
             *audio_encode_args(fmt_name, params.bitrate, params.sample_rate, params.channels),
             dst_path,
         ],
@@ -271,7 +278,7 @@ async def run_normalize(
     first = await run_ffmpeg(
         ctx,
         [source_input(src_path, info)],
-        ["-map", "0:a:0", "-vn", "-sn", "-dn",
+        ["-map", audio_map(info), "-vn", "-sn", "-dn",
          "-af", f"loudnorm={target}:print_format=json", "-f", "null", "-"],
         duration=info.duration, progress=progress, phase="measuring", span=(2, 50),
         loglevel="info", what="measure the loudness",
@@ -291,7 +298,7 @@ async def run_normalize(
     second = await run_ffmpeg(
         ctx,
         [source_input(src_path, info)],
-        ["-map", "0:a:0", "-vn", "-sn", "-dn", "-af", second_filter,
+        ["-map", audio_map(info), "-vn", "-sn", "-dn", "-af", second_filter,
          *audio_encode_args(fmt, params.bitrate, sample_rate, params.channels), dst_path],
         duration=info.duration, progress=progress, phase="normalizing", span=(50, 99),
         loglevel="info", what="normalize the loudness",
@@ -403,7 +410,7 @@ async def _decode_peaks(
     await run_ffmpeg(
         ctx,
         [source_input(src_path, info)],
-        ["-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", str(channels), "-c:a", "pcm_s16le",
+        ["-map", audio_map(info), "-vn", "-sn", "-dn", "-ac", str(channels), "-c:a", "pcm_s16le",
          "-f", "s16le", "pipe:1"],
         duration=info.duration, progress=progress, phase="decoding", span=(2, 90),
         what="decode the audio", data=peaks.feed,

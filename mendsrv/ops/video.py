@@ -23,6 +23,7 @@ from .audio import (
     BITRATE_PATTERN,
     AudioEncodeParams,
     ClipParams,
+    audio_map,
     clip_options,
     clip_span,
     describe_async,
@@ -212,10 +213,17 @@ def video_encode_args(params: VideoEncodeParams, *, gop_seconds: float | None = 
     return [*args, "-f", muxer]
 
 
+def video_map(info: MediaInfo) -> str:
+    """The ffmpeg stream specifier of the video stream probing chose (never cover art)."""
+    if info.video is None:
+        raise JobFailed("the source has no video stream")
+    return f"0:{info.video.index}"
+
+
 def _maps(info: MediaInfo, want_audio: bool) -> list[str]:
-    maps = ["-map", "0:v:0"]
+    maps = ["-map", video_map(info)]
     if want_audio and info.audio is not None:
-        maps += ["-map", "0:a:0"]
+        maps += ["-map", audio_map(info)]
     return [*maps, "-sn", "-dn", "-map_chapters", "-1"]
 
 
@@ -292,7 +300,7 @@ async def run_trim(
     container = video_container(params.format, params.dest_key, info)
     muxer, mime = CONTAINERS[container][:2]
     if params.copy_streams:
-        out = ["-map", "0:v:0", "-map", "0:a?", "-sn", "-dn", "-c", "copy",
+        out = ["-map", video_map(info), "-map", "0:a?", "-sn", "-dn", "-c", "copy",
                "-avoid_negative_ts", "make_zero"]
         if muxer in ("mp4", "mov"):
             out += ["-movflags", "+faststart"]
@@ -369,7 +377,7 @@ async def run_thumbnail(
     await run_ffmpeg(
         ctx,
         [source_input(src_path, info, ["-ss", f"{at:.6f}"])],
-        ["-map", "0:v:0", "-an", "-sn", "-dn", "-frames:v", "1", "-vf", ",".join(filters), *encode,
+        ["-map", video_map(info), "-an", "-sn", "-dn", "-frames:v", "1", "-vf", ",".join(filters), *encode,
          "-f", "image2", "-update", "1", dst_path],
         what="extract a frame",
     )
@@ -415,7 +423,7 @@ async def run_preview(
     src_w, src_h = display_size(info)
     out_w, out_h = fit_size(src_w, src_h, params.width, None, enlarge=False)
     check_output_pixels(out_w, out_h, ctx)
-    base = f"[0:v]fps={params.fps:g},scale={out_w}:{out_h}:flags=lanczos,setsar=1"
+    base = f"[{video_map(info)}]fps={params.fps:g},scale={out_w}:{out_h}:flags=lanczos,setsar=1"
     if params.image_format == "gif":
         graph = (
             f"{base},split[a][b];[a]palettegen=max_colors=256:stats_mode=diff[p];"
@@ -512,14 +520,14 @@ async def run_hls(
     master = os.path.basename(dst_path)
     has_audio = info.audio is not None
     n = len(ladder)
-    graph = f"[0:v]split={n}" + "".join(f"[s{i}]" for i in range(n)) + ";" + ";".join(
+    graph = f"[{video_map(info)}]split={n}" + "".join(f"[s{i}]" for i in range(n)) + ";" + ";".join(
         f"[s{i}]scale={r['width']}:{r['height']},setsar=1[v{i}]" for i, r in enumerate(ladder)
     )
     args = ["-filter_complex", graph]
     for i in range(n):
         args += ["-map", f"[v{i}]"]
         if has_audio:
-            args += ["-map", "0:a:0"]
+            args += ["-map", audio_map(info)]
     args += ["-c:v", "libx264", "-preset", params.preset, "-pix_fmt", "yuv420p",
              "-force_key_frames", f"expr:gte(t,n_forced*{params.segment_duration:g})",
              "-sc_threshold", "0"]
