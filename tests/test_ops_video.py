@@ -371,6 +371,18 @@ async def test_hls_ladder_has_no_rendition_larger_than_the_source(media: dict[st
     assert result["output"]["content_type"] == "application/vnd.apple.mpegurl"
 
 
+@pytest.mark.parametrize("renditions", [[], [0], [99999], [{"height": 720, "bitrate": "1M"}], list(range(100, 1000, 100))])
+def test_hls_params_reject_bad_ladders(renditions: list[object]) -> None:
+    with pytest.raises(ValidationError, match="renditions"):
+        params(video.HlsParams, "m.m3u8", renditions=renditions)
+
+
+@pytest.mark.parametrize("fields", [{"start": float("inf")}, {"duration": float("nan")}, {"end": 1e12}])
+def test_trim_params_reject_unbounded_times(fields: dict[str, float]) -> None:
+    with pytest.raises(ValidationError):
+        params(video.TrimParams, "c.mp4", **fields)
+
+
 async def test_hls_of_a_small_silent_source_uses_its_own_height(media: dict[str, Path], tmp_path: Path) -> None:
     dst = tmp_path / "m.m3u8"
     p = params(video.HlsParams, "m.m3u8", segment_duration=2, preset="ultrafast")

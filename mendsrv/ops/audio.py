@@ -24,6 +24,7 @@ from ..probe import MediaInfo, probe, probe_source
 from .base import JobParams, Operation, Progress, Resource, RunContext
 
 BITRATE_PATTERN = r"^[1-9][0-9]*(\.[0-9]+)?[kKmM]?$"
+MAX_SECONDS = 1_000_000  # an upper bound for times, which also keeps out inf and nan
 
 
 def parse_bitrate(value: str) -> int:
@@ -110,9 +111,9 @@ class AudioEncodeParams(JobParams):
 
 
 class ClipParams(JobParams):
-    start: float = Field(default=0, ge=0, description="Start at this many seconds into the source")
+    start: float = Field(default=0, ge=0, le=MAX_SECONDS, description="Start at this many seconds into the source")
     duration: float | None = Field(
-        default=None, gt=0, description="Keep this many seconds (default: to the end)"
+        default=None, gt=0, le=MAX_SECONDS, description="Keep this many seconds (default: to the end)"
     )
 
 

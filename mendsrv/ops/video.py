@@ -12,7 +12,7 @@ import asyncio
 import math
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,6 +21,7 @@ from ..ffmpeg import run_ffmpeg
 from ..probe import MediaInfo, count_frames, probe_source
 from .audio import (
     BITRATE_PATTERN,
+    MAX_SECONDS,
     AudioEncodeParams,
     ClipParams,
     audio_map,
@@ -267,9 +268,13 @@ async def run_transcode(
 class TrimParams(VideoEncodeParams):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    start: float = Field(default=0, ge=0, description="Cut from this many seconds")
-    end: float | None = Field(default=None, gt=0, description="Cut up to this many seconds (or give duration)")
-    duration: float | None = Field(default=None, gt=0, description="Keep this many seconds (or give end)")
+    start: float = Field(default=0, ge=0, le=MAX_SECONDS, description="Cut from this many seconds")
+    end: float | None = Field(
+        default=None, gt=0, le=MAX_SECONDS, description="Cut up to this many seconds (or give duration)"
+    )
+    duration: float | None = Field(
+        default=None, gt=0, le=MAX_SECONDS, description="Keep this many seconds (or give end)"
+    )
     copy_streams: bool = Field(
         default=False, alias="copy",
         description="Copy the streams without re-encoding: fast and lossless, but the cut starts "
@@ -325,7 +330,9 @@ _IMAGE_EXTENSIONS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "w
 
 
 class ThumbnailParams(JobParams):
-    time: float | None = Field(default=None, ge=0, description="Take the frame at this many seconds")
+    time: float | None = Field(
+        default=None, ge=0, le=MAX_SECONDS, description="Take the frame at this many seconds"
+    )
     percent: float | None = Field(
         default=None, ge=0, le=100, description="Or at this percentage of the duration (default 10)"
     )
@@ -394,7 +401,7 @@ class PreviewParams(JobParams):
     format: Literal["gif", "webp"] | None = Field(
         default=None, description="gif or webp (animated); default: the dest_key extension, else gif"
     )
-    start: float = Field(default=0, ge=0, description="Start at this many seconds")
+    start: float = Field(default=0, ge=0, le=MAX_SECONDS, description="Start at this many seconds")
     duration: float = Field(default=3, gt=0, le=60, description="Length in seconds (clipped to the video)")
     fps: float = Field(default=10, gt=0, le=30, description="Frames per second")
     width: int = Field(default=320, ge=16, le=1920, description="Width in pixels (never larger than the source)")
@@ -457,14 +464,19 @@ async def run_preview(
 
 
 class Rendition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     height: int = Field(ge=32, le=4320, description="Rendition height in pixels")
     video_bitrate: str | None = Field(
         default=None, pattern=BITRATE_PATTERN, description="Video bitrate (default from the size)"
     )
 
 
+RenditionHeight = Annotated[int, Field(ge=32, le=4320)]
+
+
 class HlsParams(JobParams):
-    renditions: list[int | Rendition] = Field(
+    renditions: list[RenditionHeight | Rendition] = Field(
         default_factory=lambda: [1080, 720, 480, 360],
         min_length=1, max_length=8,
         description="Heights (or {height, video_bitrate}) of the ladder; those larger than the "
