@@ -149,14 +149,20 @@ def open_options() -> dict[str, str]:
 
 
 def probe(path: str, limits: Limits | None = None) -> MediaInfo:
-    """Describe a local media file, enforcing the size and duration limits."""
+    """Describe a local media file.
+
+    With `limits` (always, for a job's source) the size and duration limits are
+    enforced; without, as for the files an operation wrote itself, they are not.
+    """
     import av
 
-    if limits is None:
-        from .ops.base import Limits
-
-        limits = Limits()
-    size = check_size(path, limits)
+    if limits is not None:
+        size = check_size(path, limits)
+    else:
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise JobFailed(f"cannot read {os.path.basename(path)}: {exc.strerror}") from None
     sniff(path)
     try:
         container = av.open(path, options=open_options())
@@ -184,7 +190,7 @@ def probe(path: str, limits: Limits | None = None) -> MediaInfo:
         video = info.video
         if video is not None:
             video.rotation = _rotation(container, video.index)
-    if info.duration is not None and info.duration > limits.max_duration_s:
+    if limits is not None and info.duration is not None and info.duration > limits.max_duration_s:
         raise JobFailed(
             f"media is {info.duration:g} s long, over the {limits.max_duration_s:g} s limit "
             "(limits.max_duration_s)"

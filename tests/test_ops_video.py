@@ -509,3 +509,12 @@ async def test_cover_art_is_not_a_video_stream(tmp_path: Path, out: Path) -> Non
     result = await video.run_extract_audio(str(song), str(out), params(video.ExtractAudioParams, "a.wav"),
                                            Progress(), context())
     assert result["output"]["audio_codec"] == "pcm_s16le"
+
+
+def test_probe_of_an_output_ignores_the_source_limits(media: dict[str, Path]) -> None:
+    from mendsrv.ops.base import Limits
+
+    tight = Limits(max_source_bytes=1000, max_duration_s=1)
+    with pytest.raises(JobFailed, match="limits.max_source_bytes"):
+        probe(str(media["clip"]), tight)
+    assert probe(str(media["clip"])).duration == pytest.approx(3, abs=DURATION_TOLERANCE)
