@@ -518,3 +518,18 @@ def test_probe_of_an_output_ignores_the_source_limits(media: dict[str, Path]) ->
     with pytest.raises(JobFailed, match="limits.max_source_bytes"):
         probe(str(media["clip"]), tight)
     assert probe(str(media["clip"])).duration == pytest.approx(3, abs=DURATION_TOLERANCE)
+
+
+async def test_thumbnail_of_rotated_video_is_turned_clockwise(media: dict[str, Path], tmp_path: Path) -> None:
+    import pyvips
+
+    plain = media["rotated"].with_name("unrotated-" + media["rotated"].name)
+    turned, upright = tmp_path / "turned.png", tmp_path / "upright.png"
+    for src, dst in ((media["rotated"], turned), (plain, upright)):
+        p = params(video.ThumbnailParams, "t.png", time=1)
+        await video.run_thumbnail(str(src), str(dst), p, Progress(), context())
+    expected = pyvips.Image.new_from_file(str(upright)).rot90()
+    got = pyvips.Image.new_from_file(str(turned))
+    assert (got.width, got.height) == (expected.width, expected.height) == (240, 320)
+    assert (got - expected).abs().avg() < 3
+    assert (got - expected.rot180()).abs().avg() > 20  # the direction matters
