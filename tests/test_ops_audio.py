@@ -264,3 +264,13 @@ async def test_metadata_refuses_a_source_without_audio(media: dict[str, Path], o
         await audio.run_metadata(
             str(media["mute_video"]), str(out), params(audio.MetadataParams, "m.json"), Progress(), context()
         )
+
+
+async def test_transcode_keeps_audio_tags_unless_asked(media: dict[str, Path], tmp_path: Path, out: Path) -> None:
+    tagged = tmp_path / "tagged.flac"
+    ffmpeg("-i", str(media["tone"]), "-metadata", "title=Song", "-metadata", "artist=Band", str(tagged))
+    await audio.run_transcode(str(tagged), str(out), params(audio.AudioTranscodeParams, "a.mp3"), Progress(), context())
+    assert probe(str(out)).tags.get("title") == "Song"
+    p = params(audio.AudioTranscodeParams, "a.mp3", strip_metadata=True)
+    await audio.run_transcode(str(tagged), str(out), p, Progress(), context())
+    assert "title" not in probe(str(out)).tags and "artist" not in probe(str(out)).tags

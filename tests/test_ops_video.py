@@ -533,3 +533,18 @@ async def test_thumbnail_of_rotated_video_is_turned_clockwise(media: dict[str, P
     assert (got.width, got.height) == (expected.width, expected.height) == (240, 320)
     assert (got - expected).abs().avg() < 3
     assert (got - expected.rot180()).abs().avg() > 20  # the direction matters
+
+
+@pytest.mark.parametrize(("strip", "kept"), [(True, False), (False, True)])
+async def test_transcode_strips_source_tags_by_default(strip: bool, kept: bool, media: dict[str, Path],
+                                                        tmp_path: Path, out: Path) -> None:
+    from tests.av_media import ffmpeg
+
+    tagged = tmp_path / "tagged.mp4"
+    ffmpeg("-i", str(media["clip"]), "-c", "copy", "-metadata", "title=Secret place",
+           "-metadata", "location=+48.8584+002.2945/", str(tagged))
+    assert probe(str(tagged)).tags.get("title") == "Secret place"
+    p = params(video.TranscodeParams, "o.mp4", preset="ultrafast", strip_metadata=strip)
+    await video.run_transcode(str(tagged), str(out), p, Progress(), context())
+    tags = probe(str(out)).tags
+    assert ("title" in tags) is kept and ("location" in tags) is kept

@@ -92,6 +92,9 @@ class AudioEncodeParams(JobParams):
     channels: int | None = Field(
         default=None, ge=1, le=8, description="Output channel count, e.g. 1 to downmix to mono"
     )
+    strip_metadata: bool = Field(
+        default=False, description="Drop the source's tags (title, artist, album…); kept by default"
+    )
 
     @property
     def audio_format(self) -> str:
@@ -150,10 +153,13 @@ def source_input(src_path: str, info: MediaInfo, options: list[str] | None = Non
 
 
 def audio_encode_args(
-    fmt_name: str, bitrate: str | None, sample_rate: int | None, channels: int | None
+    fmt_name: str, bitrate: str | None, sample_rate: int | None, channels: int | None,
+    strip_metadata: bool = False,
 ) -> list[str]:
     fmt = AUDIO_FORMATS[fmt_name]
     args = ["-c:a", fmt.codec]
+    if strip_metadata:
+        args += ["-map_metadata", "-1", "-map_metadata:s", "-1", "-map_chapters", "-1"]
     if fmt.bitrate is not None:
         args += ["-b:a", bitrate or fmt.bitrate]
     if sample_rate:
@@ -201,7 +207,9 @@ async def encode_audio(
         [source_input(src_path, info, clip_options(start, duration))],
         [
             "-map", audio_map(info), "-vn", "-sn", "-dn",
-            *audio_encode_args(fmt_name, params.bitrate, params.sample_rate, params.channels),
+            *audio_encode_args(
+                fmt_name, params.bitrate, params.sample_rate, params.channels, params.strip_metadata
+            ),
             dst_path,
         ],
         duration=span,
@@ -300,7 +308,8 @@ async def run_normalize(
         ctx,
         [source_input(src_path, info)],
         ["-map", audio_map(info), "-vn", "-sn", "-dn", "-af", second_filter,
-         *audio_encode_args(fmt, params.bitrate, sample_rate, params.channels), dst_path],
+         *audio_encode_args(fmt, params.bitrate, sample_rate, params.channels, params.strip_metadata),
+         dst_path],
         duration=info.duration, progress=progress, phase="normalizing", span=(50, 99),
         loglevel="info", what="normalize the loudness",
     )

@@ -12,7 +12,7 @@ import asyncio
 import math
 import os
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -40,7 +40,7 @@ Container = Literal["mp4", "webm", "mkv", "mov"]
 VideoCodec = Literal["h264", "h265", "vp9", "av1"]
 AudioCodec = Literal["aac", "opus", "mp3", "none"]
 Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"]
-PRESETS: tuple[str, ...] = Preset.__args__  # type: ignore[attr-defined]
+PRESETS: tuple[str, ...] = get_args(Preset)
 
 # container -> (muxer, MIME type, allowed video codecs, allowed audio codecs)
 CONTAINERS: dict[str, tuple[str, str, frozenset[str], frozenset[str]]] = {
@@ -61,6 +61,10 @@ _AUDIO = {
     "opus": ("libopus", "96k"),
     "mp3": ("libmp3lame", "128k"),
 }
+
+
+# no global or per-stream tags, no chapters (encoder tags are written by the muxer anyway)
+METADATA_STRIP = ["-map_metadata", "-1", "-map_metadata:s", "-1", "-map_chapters", "-1"]
 
 
 def even(value: float) -> int:
@@ -140,6 +144,10 @@ class VideoEncodeParams(JobParams):
     audio_bitrate: str | None = Field(
         default=None, pattern=BITRATE_PATTERN, description="Audio bitrate, e.g. '128k' (default aac/mp3 128k, opus 96k)"
     )
+    strip_metadata: bool = Field(
+        default=True,
+        description="Drop the source's metadata tags (title, creation time, GPS location…) and chapters",
+    )
 
     @property
     def container(self) -> str:
@@ -170,7 +178,7 @@ class VideoEncodeParams(JobParams):
         return self
 
 
-def video_encode_args(params: VideoEncodeParams, *, gop_seconds: float | None = None) -> list[str]:
+def video_encode_args(params: VideoEncodeParams) -> list[str]:
     codec, container = params.vcodec, params.container
     args = ["-c:v", ENCODERS[codec], "-pix_fmt", "yuv420p"]
     crf = params.crf if params.crf is not None or not params.video_bitrate else None
@@ -208,6 +216,8 @@ def video_encode_args(params: VideoEncodeParams, *, gop_seconds: float | None = 
     else:
         encoder, default_rate = _AUDIO[params.acodec]
         args += ["-c:a", encoder, "-b:a", params.audio_bitrate or default_rate]
+    if params.strip_metadata:
+        args += METADATA_STRIP
     muxer = CONTAINERS[container][0]
     if muxer in ("mp4", "mov"):
         args += ["-movflags", "+faststart"]
@@ -225,7 +235,7 @@ def _maps(info: MediaInfo, want_audio: bool) -> list[str]:
     maps = ["-map", video_map(info)]
     if want_audio and info.audio is not None:
         maps += ["-map", audio_map(info)]
-    return [*maps, "-sn", "-dn", "-map_chapters", "-1"]
+    return [*maps, "-sn", "-dn"]
 
 
 # --- video/transcode -----------------------------------------------------------------
@@ -307,6 +317,8 @@ async def run_trim(
     if params.copy_streams:
         out = ["-map", video_map(info), "-map", "0:a?", "-sn", "-dn", "-c", "copy",
                "-avoid_negative_ts", "make_zero"]
+        if params.strip_metadata:
+            out += METADATA_STRIP
         if muxer in ("mp4", "mov"):
             out += ["-movflags", "+faststart"]
         out += ["-f", muxer, dst_path]
@@ -553,7 +565,7 @@ async def run_hls(
         f"v:{i}" + (f",a:{i}" if has_audio else "") + f",name:{r['name']}" for i, r in enumerate(ladder)
     )
     args += [
-        "-sn", "-dn", "-f", "hls",
+        *METADATA_STRIP, "-sn", "-dn", "-f", "hls",
         "-hls_time", f"{params.segment_duration:g}",
         "-hls_playlist_type", "vod",
         "-hls_flags", "independent_segments",
