@@ -548,3 +548,20 @@ async def test_transcode_strips_source_tags_by_default(strip: bool, kept: bool, 
     await video.run_transcode(str(tagged), str(out), p, Progress(), context())
     tags = probe(str(out)).tags
     assert ("title" in tags) is kept and ("location" in tags) is kept
+
+
+def test_operations_doc_names_every_video_and_audio_parameter() -> None:
+    from mendsrv.ops.base import COMMON_FIELDS
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    for name, op in REGISTRY.items():
+        if op.family not in ("video", "audio"):
+            continue
+        heading = f"### {name}\n"
+        assert heading in doc, f"docs/operations.md has no section for {name}"
+        section = doc.split(heading, 1)[1].split("\n### ", 1)[0]
+        for field_name, info in op.model.model_fields.items():
+            if field_name in COMMON_FIELDS:
+                continue
+            key = info.alias or field_name
+            assert f"`{key}`" in section, f"{name}: parameter {key} is not documented"
