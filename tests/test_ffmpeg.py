@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from mendsrv.errors import JobFailed
-from mendsrv.ffmpeg import Input, build_argv, error_reason, run_ffmpeg
+from mendsrv.ffmpeg import (
+    Input,
+    build_argv,
+    default_ffmpeg,
+    error_reason,
+    resolve_ffmpeg,
+    run_ffmpeg,
+)
 from tests.av_media import Progress, alive, context, ffmpeg_children, make_video
 
 
@@ -144,8 +151,6 @@ def test_error_reason_drops_addresses_wrappers_and_paths() -> None:
 
 
 def test_resolve_ffmpeg_prefers_a_configured_path_else_the_bundled_binary() -> None:
-    from mendsrv.ffmpeg import default_ffmpeg, resolve_ffmpeg
-
     assert resolve_ffmpeg("/opt/ffmpeg/bin/ffmpeg") == "/opt/ffmpeg/bin/ffmpeg"
     assert resolve_ffmpeg("") == default_ffmpeg()
     assert resolve_ffmpeg("no-such-ffmpeg-on-path") == default_ffmpeg()

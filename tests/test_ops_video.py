@@ -12,15 +12,18 @@ from pathlib import Path
 
 import av
 import pytest
+import pyvips
 from pydantic import ValidationError
 
 from mendsrv.errors import JobFailed
 from mendsrv.ops import REGISTRY, video
+from mendsrv.ops.base import COMMON_FIELDS, Limits
 from mendsrv.probe import count_frames, open_options, probe
 from tests.av_media import (
     Progress,
     alive,
     context,
+    ffmpeg,
     ffmpeg_children,
     make_video,
     params,
@@ -139,14 +142,15 @@ async def test_transcode_reports_increasing_progress(media: dict[str, Path], out
     assert len([v for v in values if 2 < v < 99]) >= 3, values
 
 
-def _slow_transcode(src: Path, out: Path) -> video.TranscodeParams:
+def _slow_transcode() -> video.TranscodeParams:
+    """Minutes of work for the 10 s clip: it is always still running when stopped."""
     return params(video.TranscodeParams, "out.mkv", video_codec="h265", preset="veryslow")
 
 
 async def test_transcode_cancel_leaves_no_ffmpeg_within_two_seconds(media: dict[str, Path], out: Path) -> None:
     progress = Progress()
     task = asyncio.ensure_future(
-        video.run_transcode(str(media["long"]), str(out), _slow_transcode(media["long"], out), progress, context())
+        video.run_transcode(str(media["long"]), str(out), _slow_transcode(), progress, context())
     )
     pids: list[int] = []
     for _ in range(200):
@@ -167,7 +171,7 @@ async def test_transcode_cancel_leaves_no_ffmpeg_within_two_seconds(media: dict[
 async def test_transcode_timeout_kills_ffmpeg(media: dict[str, Path], out: Path) -> None:
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(
-            video.run_transcode(str(media["long"]), str(out), _slow_transcode(media["long"], out),
+            video.run_transcode(str(media["long"]), str(out), _slow_transcode(),
                                 Progress(), context()),
             timeout=1.0,
         )
@@ -485,8 +489,6 @@ async def test_transcode_applies_the_pixel_aspect_of_anamorphic_sources(tmp_path
     src = tmp_path / "anamorphic.mkv"
     make_video(src, seconds=1, audio=False)
     squeezed = tmp_path / "squeezed.mkv"
-    from tests.av_media import ffmpeg
-
     ffmpeg("-i", str(src), "-vf", "setsar=4/3", "-c:v", "libx264", "-preset", "ultrafast", str(squeezed))
     assert probe(str(squeezed)).display_size == (427, 240)
     p = params(video.TranscodeParams, "o.mp4", preset="ultrafast")
@@ -495,8 +497,6 @@ async def test_transcode_applies_the_pixel_aspect_of_anamorphic_sources(tmp_path
 
 
 async def test_cover_art_is_not_a_video_stream(tmp_path: Path, out: Path) -> None:
-    from tests.av_media import ffmpeg
-
     song = tmp_path / "song.mp3"
     ffmpeg("-f", "lavfi", "-i", "sine=d=1", "-f", "lavfi", "-i", "color=c=red:s=64x64:d=1",
            "-map", "1:v", "-map", "0:a", "-frames:v", "1", "-c:v", "png", "-disposition:v", "attached_pic",
@@ -512,8 +512,6 @@ async def test_cover_art_is_not_a_video_stream(tmp_path: Path, out: Path) -> Non
 
 
 def test_probe_of_an_output_ignores_the_source_limits(media: dict[str, Path]) -> None:
-    from mendsrv.ops.base import Limits
-
     tight = Limits(max_source_bytes=1000, max_duration_s=1)
     with pytest.raises(JobFailed, match="limits.max_source_bytes"):
         probe(str(media["clip"]), tight)
@@ -521,8 +519,6 @@ def test_probe_of_an_output_ignores_the_source_limits(media: dict[str, Path]) ->
 
 
 async def test_thumbnail_of_rotated_video_is_turned_clockwise(media: dict[str, Path], tmp_path: Path) -> None:
-    import pyvips
-
     plain = media["rotated"].with_name("unrotated-" + media["rotated"].name)
     turned, upright = tmp_path / "turned.png", tmp_path / "upright.png"
     for src, dst in ((media["rotated"], turned), (plain, upright)):
@@ -538,8 +534,6 @@ async def test_thumbnail_of_rotated_video_is_turned_clockwise(media: dict[str, P
 @pytest.mark.parametrize(("strip", "kept"), [(True, False), (False, True)])
 async def test_transcode_strips_source_tags_by_default(strip: bool, kept: bool, media: dict[str, Path],
                                                         tmp_path: Path, out: Path) -> None:
-    from tests.av_media import ffmpeg
-
     tagged = tmp_path / "tagged.mp4"
     ffmpeg("-i", str(media["clip"]), "-c", "copy", "-metadata", "title=Secret place",
            "-metadata", "location=+48.8584+002.2945/", str(tagged))
@@ -551,8 +545,6 @@ async def test_transcode_strips_source_tags_by_default(strip: bool, kept: bool, 
 
 
 def test_operations_doc_names_every_video_and_audio_parameter() -> None:
-    from mendsrv.ops.base import COMMON_FIELDS
-
     doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     for name, op in REGISTRY.items():
         if op.family not in ("video", "audio"):
