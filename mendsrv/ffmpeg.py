@@ -71,7 +71,7 @@ def build_argv(
         "-hide_banner",
         "-nostdin",
         "-nostats",
-        "-loglevel", loglevel,
+        "-loglevel", "level+" + loglevel,
         "-progress", progress_fd,
         "-stats_period", "0.25",
         "-y",
@@ -245,34 +245,58 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
         waiter.result()
 
 
-_ADDRESS = re.compile(r"^\[[^\]]+ @ 0x[0-9a-f]+\]\s*")
-_GENERIC = ("Conversion failed!", "Exiting normally")
-_WRAPPERS = (
-    "Error opening input files: ",
-    "Error opening output files: ",
-    "Error opening input: ",
+_CONTEXT = re.compile(r"^(?:\[[^\]]* @ 0x[0-9a-f]+\]\s*)+")
+_LEVEL = re.compile(r"^\[(panic|fatal|error|warning|info|verbose|debug|trace)\]\s*")
+# lines that only say something failed downstream of the real cause
+_NOISE = re.compile(
+    r"^(Conversion failed!|Exiting normally|Error opening input file |Error opening output file |"
+    r"Task finished with error code|Terminating thread with return code|Error sending frames to consumers|"
+    r"Nothing was written into output file|Could not open encoder before EOF|"
+    r"Error while opening encoder - maybe incorrect parameters|Error while filtering|"
+    r"Error while processing the decoded data|Error closing file|Error writing trailer)"
 )
+_WRAPPERS = ("Error opening input files: ", "Error opening output files: ", "Error opening input: ",
+             "Error opening output: ")
+# the errno strings ffmpeg ends with: informative only next to a specific cause
+_ERRNO = {"Invalid data found when processing input", "Invalid argument", "Generic error in an external library",
+          "Operation not permitted", "Input/output error", "Immediate exit requested"}
+
+
+def _classify(line: str) -> tuple[str | None, str]:
+    """(log level or None, message) of one stderr line written with ``-loglevel level+…``."""
+    line = _CONTEXT.sub("", line.strip())
+    match = _LEVEL.match(line)
+    if match:
+        return match.group(1), _CONTEXT.sub("", line[match.end():]).strip()
+    return None, line
 
 
 def error_reason(lines: list[str], returncode: int, inputs: Sequence[Input] = ()) -> str:
-    """A one-line reason from the tail of ffmpeg's stderr, without temp paths."""
+    """A one-line reason from the tail of ffmpeg's stderr, without temp paths.
+
+    The first specific error is usually the cause; a trailing errno string
+    ("Invalid data found when processing input") is added to it in brackets.
+    """
     if returncode < 0:
         return f"ffmpeg was killed by signal {-returncode}"
-    cleaned: list[str] = []
-    for line in lines:
-        line = _ADDRESS.sub("", line.strip())
-        if not line or line in _GENERIC or line.startswith("Error opening input file "):
-            continue
-        if _PROGRESS_LINE.match(line):
-            continue
-        cleaned.append(line)
-    if not cleaned:
+    classified = [_classify(line) for line in lines]
+    errors = [msg for level, msg in classified if level in ("panic", "fatal", "error")]
+    if not errors:  # an ffmpeg that does not tag levels: take every line
+        errors = [msg for _, msg in classified]
+    messages: list[str] = []
+    for msg in errors:
+        for wrapper in _WRAPPERS:
+            if msg.startswith(wrapper):
+                msg = msg[len(wrapper):]
+                break
+        if msg and not _NOISE.match(msg) and not _PROGRESS_LINE.match(msg) and msg not in messages:
+            messages.append(msg)
+    if not messages:
         return f"ffmpeg exited with status {returncode}"
-    reason = cleaned[-1]
-    for wrapper in _WRAPPERS:
-        if reason.startswith(wrapper):
-            reason = reason[len(wrapper):]
-            break
+    specific = [m for m in messages if m not in _ERRNO]
+    reason = specific[0] if specific else messages[-1]
+    if specific and messages[-1] in _ERRNO:
+        reason = f"{reason} ({messages[-1]})"
     for inp in inputs:
         reason = reason.replace("file:" + inp.path, "the source").replace(inp.path, "the source")
     reason = re.sub(r"/(?:[\w.+-]+/)+[\w.+%-]+", "<file>", reason)

@@ -112,8 +112,9 @@ async def test_runner_failure_is_a_sentence_from_stderr(tmp_path: Path, clip: Pa
             context(), [Input(str(truncated), format="mov")], ["-f", "null", "-"], what="decode the source"
         )
     message = caught.value.message
-    assert message.startswith("ffmpeg could not decode the source: ")
-    assert "Invalid data found when processing input" in message
+    assert message == (
+        "ffmpeg could not decode the source: moov atom not found (Invalid data found when processing input)"
+    )
     assert str(tmp_path) not in message and "Traceback" not in message
     assert ffmpeg_children() == []
 
@@ -137,6 +138,15 @@ async def test_runner_data_mode_streams_stdout(clip: Path) -> None:
     assert progress.values[-1] == 100
 
 
+async def test_runner_failure_names_the_first_cause_not_the_aftermath(clip: Path) -> None:
+    with pytest.raises(JobFailed) as caught:
+        await run_ffmpeg(
+            context(), [Input(str(clip), format="mov")],
+            ["-vf", "scale=7:-1", "-c:v", "libx264", "-f", "null", "-"], what="encode the video",
+        )
+    assert caught.value.message == "ffmpeg could not encode the video: width not divisible by 2 (7x5)"
+
+
 def test_error_reason_drops_addresses_wrappers_and_paths() -> None:
     lines = [
         "[in#0 @ 0x55d0c0a1b2c0] Error opening input: Invalid data found when processing input",
@@ -148,6 +158,14 @@ def test_error_reason_drops_addresses_wrappers_and_paths() -> None:
     assert error_reason(["x"], -9) == "ffmpeg was killed by signal 9"
     reason = error_reason(["[mp4 @ 0x1] could not open /tmp/job-1/out/x.mp4"], 1)
     assert "/tmp" not in reason
+    tagged = [
+        "[info] Input #0, mov,mp4,m4a,3gp,3g2,mj2, from 'file:/tmp/x':",
+        "[vost#0:0/libx264 @ 0x5] [enc:libx264 @ 0x6] [error] Error while opening encoder - maybe incorrect parameters",
+        "[libx264 @ 0x55a83b2b9080] [error] width not divisible by 2 (7x5)",
+        "[vf#0:0 @ 0x7] [error] Task finished with error code: -542398533 (Generic error in an external library)",
+        "[fatal] Conversion failed!",
+    ]
+    assert error_reason(tagged, 1) == "width not divisible by 2 (7x5)"
 
 
 def test_resolve_ffmpeg_prefers_a_configured_path_else_the_bundled_binary() -> None:
