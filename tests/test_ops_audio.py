@@ -160,7 +160,7 @@ async def test_normalize_reaches_the_target_loudness(
 ) -> None:
     before = integrated_loudness(media[source])
     progress = Progress()
-    p = params(audio.NormalizeParams, "n.flac", target_i=target)
+    p = params(audio.AudioNormalizeParams, "n.flac", target_i=target)
     result = await audio.run_normalize(str(media[source]), str(out), p, progress, context())
     after = integrated_loudness(out)
     assert abs(before - target) > 3  # the test means something
@@ -175,7 +175,7 @@ async def test_normalize_reaches_the_target_loudness(
 
 
 async def test_normalize_defaults_to_minus_16_lufs(media: dict[str, Path], out: Path) -> None:
-    p = params(audio.NormalizeParams, "n.m4a")
+    p = params(audio.AudioNormalizeParams, "n.m4a")
     assert p.target_i == -16
     await audio.run_normalize(str(media["quiet"]), str(out), p, Progress(), context())
     assert integrated_loudness(out) == pytest.approx(-16, abs=LOUDNESS_TOLERANCE)
@@ -184,7 +184,7 @@ async def test_normalize_defaults_to_minus_16_lufs(media: dict[str, Path], out: 
 async def test_normalize_of_silence_is_a_sentence(media: dict[str, Path], out: Path) -> None:
     with pytest.raises(JobFailed, match="silent"):
         await audio.run_normalize(
-            str(media["silence"]), str(out), params(audio.NormalizeParams, "n.wav"), Progress(), context()
+            str(media["silence"]), str(out), params(audio.AudioNormalizeParams, "n.wav"), Progress(), context()
         )
     assert ffmpeg_children() == []
 
@@ -193,7 +193,7 @@ async def test_normalize_of_silence_is_a_sentence(media: dict[str, Path], out: P
 
 
 async def test_waveform_png_has_the_size_and_colours_asked(media: dict[str, Path], out: Path) -> None:
-    p = params(audio.WaveformParams, "w.png", width=300, height=100,
+    p = params(audio.AudioWaveformParams, "w.png", width=300, height=100,
                background_color="#000000", waveform_color="#ff8000")
     result = await audio.run_waveform(str(media["loud"]), str(out), p, Progress(), context())
     image = pyvips.Image.new_from_file(str(out))
@@ -208,7 +208,7 @@ async def test_waveform_png_has_the_size_and_colours_asked(media: dict[str, Path
 
 
 async def test_waveform_png_of_a_quiet_tone_is_thin(media: dict[str, Path], out: Path) -> None:
-    p = params(audio.WaveformParams, "w.png", width=200, height=100)
+    p = params(audio.AudioWaveformParams, "w.png", width=200, height=100)
     await audio.run_waveform(str(media["quiet"]), str(out), p, Progress(), context())
     image = pyvips.Image.new_from_file(str(out))
     column = [image(100, y)[:3] for y in range(100)]
@@ -217,7 +217,7 @@ async def test_waveform_png_of_a_quiet_tone_is_thin(media: dict[str, Path], out:
 
 
 async def test_waveform_json_has_the_audiowaveform_shape(media: dict[str, Path], out: Path) -> None:
-    p = params(audio.WaveformParams, "peaks.json", samples_per_pixel=512)
+    p = params(audio.AudioWaveformParams, "peaks.json", samples_per_pixel=512)
     result = await audio.run_waveform(str(media["tone"]), str(out), p, Progress(), context())
     doc = json.loads(out.read_text())
     assert set(doc) == {"version", "channels", "sample_rate", "samples_per_pixel", "bits", "length", "data"}
@@ -234,7 +234,7 @@ async def test_waveform_json_has_the_audiowaveform_shape(media: dict[str, Path],
 
 
 async def test_waveform_json_split_channels_and_16_bits(media: dict[str, Path], out: Path) -> None:
-    p = params(audio.WaveformParams, "p.json", split_channels=True, bits=16)
+    p = params(audio.AudioWaveformParams, "p.json", split_channels=True, bits=16)
     await audio.run_waveform(str(media["tone"]), str(out), p, Progress(), context())
     doc = json.loads(out.read_text())
     assert doc["channels"] == 2 and doc["bits"] == 16 and doc["samples_per_pixel"] == 256
@@ -249,7 +249,7 @@ async def test_waveform_json_split_channels_and_16_bits(media: dict[str, Path], 
 
 async def test_metadata_describes_the_audio(media: dict[str, Path], out: Path) -> None:
     result = await audio.run_metadata(
-        str(media["tone"]), str(out), params(audio.MetadataParams, "m.json"), Progress(), context()
+        str(media["tone"]), str(out), params(audio.AudioMetadataParams, "m.json"), Progress(), context()
     )
     doc = json.loads(out.read_text())
     assert doc == result["metadata"]
@@ -262,7 +262,7 @@ async def test_metadata_describes_the_audio(media: dict[str, Path], out: Path) -
 async def test_metadata_refuses_a_source_without_audio(media: dict[str, Path], out: Path) -> None:
     with pytest.raises(JobFailed, match="no audio stream"):
         await audio.run_metadata(
-            str(media["mute_video"]), str(out), params(audio.MetadataParams, "m.json"), Progress(), context()
+            str(media["mute_video"]), str(out), params(audio.AudioMetadataParams, "m.json"), Progress(), context()
         )
 
 

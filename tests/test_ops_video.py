@@ -61,7 +61,7 @@ def test_video_operations_are_registered_as_ffmpeg() -> None:
 
 
 async def test_transcode_h264_mp4_scales_keeping_aspect_with_even_sizes(media: dict[str, Path], out: Path) -> None:
-    p = params(video.TranscodeParams, "out.mp4", width=171, preset="ultrafast")
+    p = params(video.VideoTranscodeParams, "out.mp4", width=171, preset="ultrafast")
     result = await video.run_transcode(str(media["clip"]), str(out), p, Progress(), context())
     info = probe(str(out))
     assert info.format == "mov" and info.video and info.video.codec == "h264"
@@ -76,7 +76,7 @@ async def test_transcode_h264_mp4_scales_keeping_aspect_with_even_sizes(media: d
 
 
 async def test_transcode_webm_defaults_to_vp9_and_opus(media: dict[str, Path], out: Path) -> None:
-    p = params(video.TranscodeParams, "out.webm", preset="ultrafast", height=120)
+    p = params(video.VideoTranscodeParams, "out.webm", preset="ultrafast", height=120)
     result = await video.run_transcode(str(media["clip"]), str(out), p, Progress(), context())
     info = probe(str(out))
     assert info.video and info.video.codec == "vp9" and (info.video.width, info.video.height) == (160, 120)
@@ -85,7 +85,7 @@ async def test_transcode_webm_defaults_to_vp9_and_opus(media: dict[str, Path], o
 
 
 async def test_transcode_h265_mkv_with_start_duration_and_fps(media: dict[str, Path], out: Path) -> None:
-    p = params(video.TranscodeParams, "out.mkv", video_codec="h265", preset="ultrafast",
+    p = params(video.VideoTranscodeParams, "out.mkv", video_codec="h265", preset="ultrafast",
                start=1, duration=1.5, fps=10, audio_codec="none")
     await video.run_transcode(str(media["clip"]), str(out), p, Progress(), context())
     info = probe(str(out))
@@ -96,7 +96,7 @@ async def test_transcode_h265_mkv_with_start_duration_and_fps(media: dict[str, P
 
 
 async def test_transcode_av1_mp4_with_bitrate(media: dict[str, Path], out: Path) -> None:
-    p = params(video.TranscodeParams, "out", format="mp4", video_codec="av1", preset="ultrafast",
+    p = params(video.VideoTranscodeParams, "out", format="mp4", video_codec="av1", preset="ultrafast",
                video_bitrate="300k", audio_codec="opus")
     await video.run_transcode(str(media["clip"]), str(out), p, Progress(), context())
     info = probe(str(out))
@@ -105,7 +105,7 @@ async def test_transcode_av1_mp4_with_bitrate(media: dict[str, Path], out: Path)
 
 async def test_transcode_honours_rotation(media: dict[str, Path], out: Path) -> None:
     assert probe(str(media["rotated"])).video.rotation == 90  # type: ignore[union-attr]
-    p = params(video.TranscodeParams, "out.mp4", height=160, preset="ultrafast")
+    p = params(video.VideoTranscodeParams, "out.mp4", height=160, preset="ultrafast")
     result = await video.run_transcode(str(media["rotated"]), str(out), p, Progress(), context())
     info = probe(str(out))
     assert info.video and (info.video.width, info.video.height) == (120, 160)
@@ -127,7 +127,7 @@ async def test_transcode_honours_rotation(media: dict[str, Path], out: Path) -> 
 def test_transcode_params_reject_bad_combinations(fields: dict[str, object], message: str) -> None:
     dest_key = fields.pop("dest_key")
     with pytest.raises(ValidationError, match=message):
-        params(video.TranscodeParams, str(dest_key), **fields)
+        params(video.VideoTranscodeParams, str(dest_key), **fields)
 
 
 async def test_transcode_reports_increasing_progress(media: dict[str, Path], out: Path) -> None:
@@ -135,16 +135,16 @@ async def test_transcode_reports_increasing_progress(media: dict[str, Path], out
     # about 1.7 s of one core: several 0.25 s progress periods, little CPU
     ctx = context()
     ctx.ffmpeg_threads = 1
-    p = params(video.TranscodeParams, "out.mkv", video_codec="h265", preset="medium")
+    p = params(video.VideoTranscodeParams, "out.mkv", video_codec="h265", preset="medium")
     await video.run_transcode(str(media["long"]), str(out), p, progress, ctx)
     values = progress.values
     assert values == sorted(values)
     assert len([v for v in values if 2 < v < 99]) >= 3, values
 
 
-def _slow_transcode() -> video.TranscodeParams:
+def _slow_transcode() -> video.VideoTranscodeParams:
     """Minutes of work for the 10 s clip: it is always still running when stopped."""
-    return params(video.TranscodeParams, "out.mkv", video_codec="h265", preset="veryslow")
+    return params(video.VideoTranscodeParams, "out.mkv", video_codec="h265", preset="veryslow")
 
 
 async def test_transcode_cancel_leaves_no_ffmpeg_within_two_seconds(media: dict[str, Path], out: Path) -> None:
@@ -182,14 +182,14 @@ async def test_transcode_timeout_kills_ffmpeg(media: dict[str, Path], out: Path)
 
 
 async def test_transcode_refuses_media_over_the_duration_limit(media: dict[str, Path], out: Path) -> None:
-    p = params(video.TranscodeParams, "out.mp4")
+    p = params(video.VideoTranscodeParams, "out.mp4")
     with pytest.raises(JobFailed, match=r"media is 10 s long, over the 5 s limit \(limits.max_duration_s\)"):
         await video.run_transcode(str(media["long"]), str(out), p, Progress(), context(max_duration_s=5))
     assert not out.exists()
 
 
 async def test_transcode_refuses_a_source_over_the_byte_limit(media: dict[str, Path], out: Path) -> None:
-    p = params(video.TranscodeParams, "out.mp4")
+    p = params(video.VideoTranscodeParams, "out.mp4")
     with pytest.raises(JobFailed, match=r"over the 1000 byte limit \(limits.max_source_bytes\)"):
         await video.run_transcode(str(media["clip"]), str(out), p, Progress(), context(max_source_bytes=1000))
 
@@ -198,7 +198,7 @@ async def test_transcode_of_a_non_media_file_is_a_sentence(tmp_path: Path, out: 
     src = tmp_path / "notes.txt"
     src.write_text("just some text, not a video\n" * 50)
     with pytest.raises(JobFailed, match="the source is not a media file ffmpeg can read"):
-        await video.run_transcode(str(src), str(out), params(video.TranscodeParams, "o.mp4"), Progress(), context())
+        await video.run_transcode(str(src), str(out), params(video.VideoTranscodeParams, "o.mp4"), Progress(), context())
 
 
 class _Receiver:
@@ -259,8 +259,8 @@ async def test_transcode_refuses_playlist_sources_without_fetching(
 ) -> None:
     src = _playlists(tmp_path, receiver.url, media["clip"])[kind]
     for op, p in [
-        (video.run_transcode, params(video.TranscodeParams, "o.mp4")),
-        (video.run_hls, params(video.HlsParams, "o.m3u8")),
+        (video.run_transcode, params(video.VideoTranscodeParams, "o.mp4")),
+        (video.run_hls, params(video.VideoHlsParams, "o.m3u8")),
         (video.run_metadata, params(video.VideoMetadataParams, "o.json")),
     ]:
         with pytest.raises(JobFailed, match="only self-contained media files are accepted"):
@@ -285,7 +285,7 @@ def test_probe_demuxer_whitelist_refuses_hls_even_without_sniffing(
 
 @pytest.mark.parametrize(("fmt", "magic"), [("jpeg", b"\xff\xd8\xff"), ("png", b"\x89PNG"), ("webp", b"RIFF")])
 async def test_thumbnail_writes_a_sized_frame(fmt: str, magic: bytes, media: dict[str, Path], out: Path) -> None:
-    p = params(video.ThumbnailParams, f"thumb.{fmt}", width=160, percent=50)
+    p = params(video.VideoThumbnailParams, f"thumb.{fmt}", width=160, percent=50)
     result = await video.run_thumbnail(str(media["clip"]), str(out), p, Progress(), context())
     assert out.read_bytes()[: len(magic)] == magic
     info = probe(str(out))
@@ -295,7 +295,7 @@ async def test_thumbnail_writes_a_sized_frame(fmt: str, magic: bytes, media: dic
 
 
 async def test_thumbnail_of_rotated_video_is_upright(media: dict[str, Path], out: Path) -> None:
-    p = params(video.ThumbnailParams, "t.png", time=1)
+    p = params(video.VideoThumbnailParams, "t.png", time=1)
     result = await video.run_thumbnail(str(media["rotated"]), str(out), p, Progress(), context())
     info = probe(str(out))
     assert info.video and (info.video.width, info.video.height) == (240, 320)
@@ -303,20 +303,20 @@ async def test_thumbnail_of_rotated_video_is_upright(media: dict[str, Path], out
 
 
 async def test_thumbnail_at_the_very_end_still_gets_a_frame(media: dict[str, Path], out: Path) -> None:
-    p = params(video.ThumbnailParams, "t.jpg", time=3)
+    p = params(video.VideoThumbnailParams, "t.jpg", time=3)
     await video.run_thumbnail(str(media["clip"]), str(out), p, Progress(), context())
     assert out.stat().st_size > 0
 
 
 async def test_thumbnail_past_the_end_is_refused(media: dict[str, Path], out: Path) -> None:
-    p = params(video.ThumbnailParams, "t.jpg", time=30)
+    p = params(video.VideoThumbnailParams, "t.jpg", time=30)
     with pytest.raises(JobFailed, match="time 30 s is past the end of the 3 s video"):
         await video.run_thumbnail(str(media["clip"]), str(out), p, Progress(), context())
 
 
 def test_thumbnail_params_take_time_or_percent() -> None:
     with pytest.raises(ValidationError, match="time or percent"):
-        params(video.ThumbnailParams, "t.jpg", time=1, percent=5)
+        params(video.VideoThumbnailParams, "t.jpg", time=1, percent=5)
 
 
 # --- preview -----------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def test_thumbnail_params_take_time_or_percent() -> None:
 
 @pytest.mark.parametrize("fmt", ["gif", "webp"])
 async def test_preview_is_animated_with_fps_times_duration_frames(fmt: str, media: dict[str, Path], out: Path) -> None:
-    p = params(video.PreviewParams, f"p.{fmt}", start=0.5, duration=2, fps=10, width=160)
+    p = params(video.VideoPreviewParams, f"p.{fmt}", start=0.5, duration=2, fps=10, width=160)
     result = await video.run_preview(str(media["clip"]), str(out), p, Progress(), context())
     assert out.read_bytes()[:4] == (b"GIF8" if fmt == "gif" else b"RIFF")
     assert count_frames(str(out)) == 20
@@ -334,13 +334,13 @@ async def test_preview_is_animated_with_fps_times_duration_frames(fmt: str, medi
 
 
 async def test_preview_never_enlarges_the_source(media: dict[str, Path], out: Path) -> None:
-    p = params(video.PreviewParams, "p.gif", duration=0.5, width=1280)
+    p = params(video.VideoPreviewParams, "p.gif", duration=0.5, width=1280)
     result = await video.run_preview(str(media["clip"]), str(out), p, Progress(), context())
     assert (result["output"]["width"], result["output"]["height"]) == (320, 240)
 
 
 async def test_preview_over_the_frame_limit_is_refused(media: dict[str, Path], out: Path) -> None:
-    p = params(video.PreviewParams, "p.gif", duration=3, fps=30)
+    p = params(video.VideoPreviewParams, "p.gif", duration=3, fps=30)
     with pytest.raises(JobFailed, match=r"90 frames, over the limit of 50 \(limits.max_frames\)"):
         await video.run_preview(str(media["clip"]), str(out), p, Progress(), context(max_frames=50))
 
@@ -352,7 +352,7 @@ async def test_hls_ladder_has_no_rendition_larger_than_the_source(media: dict[st
     out_dir = tmp_path / "hls"
     out_dir.mkdir()
     dst = out_dir / "job-output"
-    p = params(video.HlsParams, "videos/master.m3u8", renditions=[720, 360, {"height": 240, "video_bitrate": "300k"}],
+    p = params(video.VideoHlsParams, "videos/master.m3u8", renditions=[720, 360, {"height": 240, "video_bitrate": "300k"}],
                segment_duration=1, preset="ultrafast")
     result = await video.run_hls(str(media["wide"]), str(dst), p, Progress(), context())
     master = dst.read_text()
@@ -381,18 +381,18 @@ async def test_hls_ladder_has_no_rendition_larger_than_the_source(media: dict[st
 @pytest.mark.parametrize("renditions", [[], [0], [99999], [{"height": 720, "bitrate": "1M"}], list(range(100, 1000, 100))])
 def test_hls_params_reject_bad_ladders(renditions: list[object]) -> None:
     with pytest.raises(ValidationError, match="renditions"):
-        params(video.HlsParams, "m.m3u8", renditions=renditions)
+        params(video.VideoHlsParams, "m.m3u8", renditions=renditions)
 
 
 @pytest.mark.parametrize("fields", [{"start": float("inf")}, {"duration": float("nan")}, {"end": 1e12}])
 def test_trim_params_reject_unbounded_times(fields: dict[str, float]) -> None:
     with pytest.raises(ValidationError):
-        params(video.TrimParams, "c.mp4", **fields)
+        params(video.VideoTrimParams, "c.mp4", **fields)
 
 
 async def test_hls_of_a_small_silent_source_uses_its_own_height(media: dict[str, Path], tmp_path: Path) -> None:
     dst = tmp_path / "m.m3u8"
-    p = params(video.HlsParams, "m.m3u8", segment_duration=2, preset="ultrafast")
+    p = params(video.VideoHlsParams, "m.m3u8", segment_duration=2, preset="ultrafast")
     result = await video.run_hls(str(media["silent"]), str(dst), p, Progress(), context())
     assert [(r["width"], r["height"]) for r in result["renditions"]] == [(320, 240)]
     segment = next(e["name"] for e in result["extra_outputs"] if e["name"].endswith(".ts"))
@@ -403,7 +403,7 @@ async def test_hls_of_a_small_silent_source_uses_its_own_height(media: dict[str,
 
 
 async def test_trim_reencoded_is_accurate_to_a_tenth_of_a_second(media: dict[str, Path], out: Path) -> None:
-    p = params(video.TrimParams, "cut.mp4", start=0.52, end=2.0, preset="ultrafast")
+    p = params(video.VideoTrimParams, "cut.mp4", start=0.52, end=2.0, preset="ultrafast")
     result = await video.run_trim(str(media["clip"]), str(out), p, Progress(), context())
     info = probe(str(out))
     assert info.video and info.video.duration == pytest.approx(1.48, abs=DURATION_TOLERANCE)
@@ -414,7 +414,7 @@ async def test_trim_reencoded_is_accurate_to_a_tenth_of_a_second(media: dict[str
 
 
 async def test_trim_with_copy_keeps_the_codecs_and_cuts_at_keyframes(media: dict[str, Path], out: Path) -> None:
-    p = params(video.TrimParams, "cut.mkv", start=1.0, duration=1.0, copy=True)
+    p = params(video.VideoTrimParams, "cut.mkv", start=1.0, duration=1.0, copy=True)
     result = await video.run_trim(str(media["clip"]), str(out), p, Progress(), context())
     info = probe(str(out))
     assert info.video and info.video.codec == "h264" and info.audio and info.audio.codec == "aac"
@@ -425,13 +425,13 @@ async def test_trim_with_copy_keeps_the_codecs_and_cuts_at_keyframes(media: dict
 
 def test_trim_params_check_the_span() -> None:
     with pytest.raises(ValidationError, match="end or duration, not both"):
-        params(video.TrimParams, "c.mp4", start=1, end=2, duration=1)
+        params(video.VideoTrimParams, "c.mp4", start=1, end=2, duration=1)
     with pytest.raises(ValidationError, match="end must be after start"):
-        params(video.TrimParams, "c.mp4", start=2, end=1)
+        params(video.VideoTrimParams, "c.mp4", start=2, end=1)
 
 
 async def test_trim_past_the_end_is_refused(media: dict[str, Path], out: Path) -> None:
-    p = params(video.TrimParams, "c.mp4", start=5)
+    p = params(video.VideoTrimParams, "c.mp4", start=5)
     with pytest.raises(JobFailed, match="start 5 s is at or past the end of the 3 s source"):
         await video.run_trim(str(media["clip"]), str(out), p, Progress(), context())
 
@@ -447,7 +447,7 @@ async def test_trim_past_the_end_is_refused(media: dict[str, Path], out: Path) -
 async def test_extract_audio_writes_each_format(
     fmt: str, codec: str, content_type: str, media: dict[str, Path], out: Path
 ) -> None:
-    p = params(video.ExtractAudioParams, f"sound.{fmt}")
+    p = params(video.VideoExtractAudioParams, f"sound.{fmt}")
     result = await video.run_extract_audio(str(media["clip"]), str(out), p, Progress(), context())
     info = probe(str(out))
     assert info.video is None and info.audio and info.audio.codec == codec
@@ -459,7 +459,7 @@ async def test_extract_audio_writes_each_format(
 async def test_extract_audio_from_a_silent_video_is_refused(media: dict[str, Path], out: Path) -> None:
     with pytest.raises(JobFailed, match="the source has no audio stream"):
         await video.run_extract_audio(
-            str(media["silent"]), str(out), params(video.ExtractAudioParams, "a.mp3"), Progress(), context()
+            str(media["silent"]), str(out), params(video.VideoExtractAudioParams, "a.mp3"), Progress(), context()
         )
 
 
@@ -491,7 +491,7 @@ async def test_transcode_applies_the_pixel_aspect_of_anamorphic_sources(tmp_path
     squeezed = tmp_path / "squeezed.mkv"
     ffmpeg("-i", str(src), "-vf", "setsar=4/3", "-c:v", "libx264", "-preset", "ultrafast", str(squeezed))
     assert probe(str(squeezed)).display_size == (427, 240)
-    p = params(video.TranscodeParams, "o.mp4", preset="ultrafast")
+    p = params(video.VideoTranscodeParams, "o.mp4", preset="ultrafast")
     result = await video.run_transcode(str(squeezed), str(out), p, Progress(), context())
     assert (result["output"]["width"], result["output"]["height"]) == (426, 240)
 
@@ -505,8 +505,8 @@ async def test_cover_art_is_not_a_video_stream(tmp_path: Path, out: Path) -> Non
     assert info.video is None and info.audio is not None
     assert any(s.attached_pic for s in info.streams)
     with pytest.raises(JobFailed, match="the source has no video stream"):
-        await video.run_thumbnail(str(song), str(out), params(video.ThumbnailParams, "t.jpg"), Progress(), context())
-    result = await video.run_extract_audio(str(song), str(out), params(video.ExtractAudioParams, "a.wav"),
+        await video.run_thumbnail(str(song), str(out), params(video.VideoThumbnailParams, "t.jpg"), Progress(), context())
+    result = await video.run_extract_audio(str(song), str(out), params(video.VideoExtractAudioParams, "a.wav"),
                                            Progress(), context())
     assert result["output"]["audio_codec"] == "pcm_s16le"
 
@@ -522,7 +522,7 @@ async def test_thumbnail_of_rotated_video_is_turned_clockwise(media: dict[str, P
     plain = media["rotated"].with_name("unrotated-" + media["rotated"].name)
     turned, upright = tmp_path / "turned.png", tmp_path / "upright.png"
     for src, dst in ((media["rotated"], turned), (plain, upright)):
-        p = params(video.ThumbnailParams, "t.png", time=1)
+        p = params(video.VideoThumbnailParams, "t.png", time=1)
         await video.run_thumbnail(str(src), str(dst), p, Progress(), context())
     expected = pyvips.Image.new_from_file(str(upright)).rot90()
     got = pyvips.Image.new_from_file(str(turned))
@@ -538,7 +538,7 @@ async def test_transcode_strips_source_tags_by_default(strip: bool, kept: bool, 
     ffmpeg("-i", str(media["clip"]), "-c", "copy", "-metadata", "title=Secret place",
            "-metadata", "location=+48.8584+002.2945/", str(tagged))
     assert probe(str(tagged)).tags.get("title") == "Secret place"
-    p = params(video.TranscodeParams, "o.mp4", preset="ultrafast", strip_metadata=strip)
+    p = params(video.VideoTranscodeParams, "o.mp4", preset="ultrafast", strip_metadata=strip)
     await video.run_transcode(str(tagged), str(out), p, Progress(), context())
     tags = probe(str(out)).tags
     assert ("title" in tags) is kept and ("location" in tags) is kept

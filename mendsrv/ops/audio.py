@@ -237,7 +237,7 @@ async def run_transcode(
 # --- audio/metadata ------------------------------------------------------------------
 
 
-class MetadataParams(JobParams):
+class AudioMetadataParams(JobParams):
     """No options: the JSON is written to dest_key and returned in the result."""
 
 
@@ -252,7 +252,7 @@ async def write_metadata(
 
 
 async def run_metadata(
-    src_path: str, dst_path: str, params: MetadataParams, progress: Progress, ctx: RunContext
+    src_path: str, dst_path: str, params: AudioMetadataParams, progress: Progress, ctx: RunContext
 ) -> dict[str, Any]:
     return await write_metadata(src_path, dst_path, progress, ctx, "audio")
 
@@ -260,7 +260,7 @@ async def run_metadata(
 # --- audio/normalize -----------------------------------------------------------------
 
 
-class NormalizeParams(AudioEncodeParams):
+class AudioNormalizeParams(AudioEncodeParams):
     target_i: float = Field(
         default=-16.0, ge=-70, le=-5, description="Target integrated loudness in LUFS (EBU R128)"
     )
@@ -279,7 +279,7 @@ def parse_loudnorm(stderr: str) -> dict[str, Any]:
 
 
 async def run_normalize(
-    src_path: str, dst_path: str, params: NormalizeParams, progress: Progress, ctx: RunContext
+    src_path: str, dst_path: str, params: AudioNormalizeParams, progress: Progress, ctx: RunContext
 ) -> dict[str, Any]:
     info = await probe_source(src_path, ctx.limits, need="audio")
     progress(1, "probed")
@@ -342,7 +342,7 @@ def _num(value: Any) -> float | None:
 _COLOUR = r"^#?([0-9a-fA-F]{6}|[0-9a-fA-F]{8})$"
 
 
-class WaveformParams(JobParams):
+class AudioWaveformParams(JobParams):
     format: Literal["png", "json"] | None = Field(
         default=None, description="png (an image) or json (peaks); default: the dest_key extension, else png"
     )
@@ -437,7 +437,7 @@ def _rgba(colour: str) -> list[int]:
     return values if len(values) == 4 else [*values, 255]
 
 
-def _render_png(peaks: _Peaks, params: WaveformParams, dst_path: str) -> None:
+def _render_png(peaks: _Peaks, params: AudioWaveformParams, dst_path: str) -> None:
     """Draw one vertical bar per column from its max down to its min (libvips does the pixels)."""
     import pyvips
 
@@ -464,7 +464,7 @@ def _render_png(peaks: _Peaks, params: WaveformParams, dst_path: str) -> None:
 
 
 async def run_waveform(
-    src_path: str, dst_path: str, params: WaveformParams, progress: Progress, ctx: RunContext
+    src_path: str, dst_path: str, params: AudioWaveformParams, progress: Progress, ctx: RunContext
 ) -> dict[str, Any]:
     info = await probe_source(src_path, ctx.limits, need="audio")
     progress(1, "probed")
@@ -516,21 +516,21 @@ OPERATIONS = [
         name="audio/waveform",
         description="Render the waveform as a PNG (width×height, colours) or as JSON peaks "
         "in the audiowaveform format.",
-        model=WaveformParams,
+        model=AudioWaveformParams,
         run=run_waveform,
         resource=Resource.FFMPEG,
     ),
     Operation(
         name="audio/normalize",
         description="Normalize loudness to EBU R128 targets (two-pass loudnorm; default -16 LUFS).",
-        model=NormalizeParams,
+        model=AudioNormalizeParams,
         run=run_normalize,
         resource=Resource.FFMPEG,
     ),
     Operation(
         name="audio/metadata",
         description="Describe the media (duration, container, streams) as JSON.",
-        model=MetadataParams,
+        model=AudioMetadataParams,
         run=run_metadata,
         resource=Resource.FFMPEG,
     ),

@@ -241,14 +241,14 @@ def _maps(info: MediaInfo, want_audio: bool) -> list[str]:
 # --- video/transcode -----------------------------------------------------------------
 
 
-class TranscodeParams(VideoEncodeParams, ClipParams):
+class VideoTranscodeParams(VideoEncodeParams, ClipParams):
     width: int | None = Field(default=None, ge=2, le=16384, description="Fit inside this width, keeping the aspect")
     height: int | None = Field(default=None, ge=2, le=16384, description="Fit inside this height, keeping the aspect")
     fps: float | None = Field(default=None, gt=0, le=240, description="Output frame rate (default: the source's)")
 
 
 async def run_transcode(
-    src_path: str, dst_path: str, params: TranscodeParams, progress: Progress, ctx: RunContext
+    src_path: str, dst_path: str, params: VideoTranscodeParams, progress: Progress, ctx: RunContext
 ) -> dict[str, Any]:
     info = await probe_source(src_path, ctx.limits, need="video")
     progress(1, "probed")
@@ -275,7 +275,7 @@ async def run_transcode(
 # --- video/trim ----------------------------------------------------------------------
 
 
-class TrimParams(VideoEncodeParams):
+class VideoTrimParams(VideoEncodeParams):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     start: float = Field(default=0, ge=0, le=MAX_SECONDS, description="Cut from this many seconds")
@@ -292,7 +292,7 @@ class TrimParams(VideoEncodeParams):
     )
 
     @model_validator(mode="after")
-    def _check_span(self) -> TrimParams:
+    def _check_span(self) -> VideoTrimParams:
         if self.end is not None and self.duration is not None:
             raise ValueError("give end or duration, not both")
         if self.end is not None and self.end <= self.start:
@@ -307,7 +307,7 @@ class TrimParams(VideoEncodeParams):
 
 
 async def run_trim(
-    src_path: str, dst_path: str, params: TrimParams, progress: Progress, ctx: RunContext
+    src_path: str, dst_path: str, params: VideoTrimParams, progress: Progress, ctx: RunContext
 ) -> dict[str, Any]:
     info = await probe_source(src_path, ctx.limits, need="video")
     progress(1, "probed")
@@ -341,7 +341,7 @@ _IMAGE_FORMATS = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"
 _IMAGE_EXTENSIONS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 
 
-class ThumbnailParams(JobParams):
+class VideoThumbnailParams(JobParams):
     time: float | None = Field(
         default=None, ge=0, le=MAX_SECONDS, description="Take the frame at this many seconds"
     )
@@ -356,7 +356,7 @@ class ThumbnailParams(JobParams):
     quality: int = Field(default=85, ge=1, le=100, description="jpeg/webp quality 1-100")
 
     @model_validator(mode="after")
-    def _one_position(self) -> ThumbnailParams:
+    def _one_position(self) -> VideoThumbnailParams:
         if self.time is not None and self.percent is not None:
             raise ValueError("give time or percent, not both")
         return self
@@ -367,7 +367,7 @@ class ThumbnailParams(JobParams):
 
 
 async def run_thumbnail(
-    src_path: str, dst_path: str, params: ThumbnailParams, progress: Progress, ctx: RunContext
+    src_path: str, dst_path: str, params: VideoThumbnailParams, progress: Progress, ctx: RunContext
 ) -> dict[str, Any]:
     info = await probe_source(src_path, ctx.limits, need="video")
     progress(1, "probed")
@@ -409,7 +409,7 @@ async def run_thumbnail(
 # --- video/preview -------------------------------------------------------------------
 
 
-class PreviewParams(JobParams):
+class VideoPreviewParams(JobParams):
     format: Literal["gif", "webp"] | None = Field(
         default=None, description="gif or webp (animated); default: the dest_key extension, else gif"
     )
@@ -428,7 +428,7 @@ class PreviewParams(JobParams):
 
 
 async def run_preview(
-    src_path: str, dst_path: str, params: PreviewParams, progress: Progress, ctx: RunContext
+    src_path: str, dst_path: str, params: VideoPreviewParams, progress: Progress, ctx: RunContext
 ) -> dict[str, Any]:
     info = await probe_source(src_path, ctx.limits, need="video")
     progress(1, "probed")
@@ -475,10 +475,10 @@ async def run_preview(
 # --- video/hls -----------------------------------------------------------------------
 
 
-class Rendition(BaseModel):
+class HlsRendition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    height: int = Field(ge=32, le=4320, description="Rendition height in pixels")
+    height: int = Field(ge=32, le=4320, description="HlsRendition height in pixels")
     video_bitrate: str | None = Field(
         default=None, pattern=BITRATE_PATTERN, description="Video bitrate (default from the size)"
     )
@@ -487,8 +487,8 @@ class Rendition(BaseModel):
 RenditionHeight = Annotated[int, Field(ge=32, le=4320)]
 
 
-class HlsParams(JobParams):
-    renditions: list[RenditionHeight | Rendition] = Field(
+class VideoHlsParams(JobParams):
+    renditions: list[RenditionHeight | HlsRendition] = Field(
         default_factory=lambda: [1080, 720, 480, 360],
         min_length=1, max_length=8,
         description="Heights (or {height, video_bitrate}) of the ladder; those larger than the "
@@ -504,11 +504,11 @@ def default_video_bitrate(width: int, height: int) -> int:
     return max(150_000, round(width * height * 2.4 / 1000) * 1000)
 
 
-def hls_ladder(params: HlsParams, src_w: int, src_h: int) -> list[dict[str, Any]]:
-    wanted: list[Rendition] = [r if isinstance(r, Rendition) else Rendition(height=r) for r in params.renditions]
+def hls_ladder(params: VideoHlsParams, src_w: int, src_h: int) -> list[dict[str, Any]]:
+    wanted: list[HlsRendition] = [r if isinstance(r, HlsRendition) else HlsRendition(height=r) for r in params.renditions]
     fitting = [r for r in wanted if r.height <= src_h]
     if not fitting:
-        fitting = [Rendition(height=src_h)]
+        fitting = [HlsRendition(height=src_h)]
     ladder: list[dict[str, Any]] = []
     seen: set[int] = set()
     for r in sorted(fitting, key=lambda r: -r.height):
@@ -531,7 +531,7 @@ def _stem(dest_key: str) -> str:
 
 
 async def run_hls(
-    src_path: str, dst_path: str, params: HlsParams, progress: Progress, ctx: RunContext
+    src_path: str, dst_path: str, params: VideoHlsParams, progress: Progress, ctx: RunContext
 ) -> dict[str, Any]:
     info = await probe_source(src_path, ctx.limits, need="video")
     progress(1, "probed")
@@ -599,12 +599,12 @@ async def run_hls(
 # --- video/extract_audio -------------------------------------------------------------
 
 
-class ExtractAudioParams(AudioEncodeParams, ClipParams):
+class VideoExtractAudioParams(AudioEncodeParams, ClipParams):
     """The first audio stream of a video, re-encoded."""
 
 
 async def run_extract_audio(
-    src_path: str, dst_path: str, params: ExtractAudioParams, progress: Progress, ctx: RunContext
+    src_path: str, dst_path: str, params: VideoExtractAudioParams, progress: Progress, ctx: RunContext
 ) -> dict[str, Any]:
     return await encode_audio(src_path, dst_path, params, params, progress, ctx)
 
@@ -627,33 +627,33 @@ OPERATIONS = [
         name="video/transcode",
         description="Re-encode a video (mp4/webm/mkv/mov; h264, h265, vp9, av1) with quality, "
         "bitrate, size, frame rate and start/duration options.",
-        model=TranscodeParams, run=run_transcode, resource=Resource.FFMPEG,
+        model=VideoTranscodeParams, run=run_transcode, resource=Resource.FFMPEG,
     ),
     Operation(
         name="video/thumbnail",
         description="One frame at a time or percentage, sized, as jpeg, png or webp.",
-        model=ThumbnailParams, run=run_thumbnail, resource=Resource.FFMPEG,
+        model=VideoThumbnailParams, run=run_thumbnail, resource=Resource.FFMPEG,
     ),
     Operation(
         name="video/preview",
         description="A short animated gif (with an optimised palette) or webp.",
-        model=PreviewParams, run=run_preview, resource=Resource.FFMPEG,
+        model=VideoPreviewParams, run=run_preview, resource=Resource.FFMPEG,
     ),
     Operation(
         name="video/hls",
         description="An HLS ladder: master playlist at dest_key, variant playlists and segments "
         "beside it.",
-        model=HlsParams, run=run_hls, resource=Resource.FFMPEG,
+        model=VideoHlsParams, run=run_hls, resource=Resource.FFMPEG,
     ),
     Operation(
         name="video/trim",
         description="Cut start..end (or start+duration), by stream copy or re-encoded to the frame.",
-        model=TrimParams, run=run_trim, resource=Resource.FFMPEG,
+        model=VideoTrimParams, run=run_trim, resource=Resource.FFMPEG,
     ),
     Operation(
         name="video/extract_audio",
         description="The audio track as mp3, aac/m4a, opus/ogg, flac or wav.",
-        model=ExtractAudioParams, run=run_extract_audio, resource=Resource.FFMPEG,
+        model=VideoExtractAudioParams, run=run_extract_audio, resource=Resource.FFMPEG,
     ),
     Operation(
         name="video/metadata",
