@@ -478,7 +478,7 @@ async def run_preview(
 class HlsRendition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    height: int = Field(ge=32, le=4320, description="HlsRendition height in pixels")
+    height: int = Field(ge=32, le=4320, description="Rendition height in pixels")
     video_bitrate: str | None = Field(
         default=None, pattern=BITRATE_PATTERN, description="Video bitrate (default from the size)"
     )
