@@ -186,3 +186,14 @@ async def test_runner_survives_a_huge_stderr_line(tmp_path: Path) -> None:
     ctx.ffmpeg = str(fake)
     with pytest.raises(JobFailed, match="ffmpeg could not encode: Unknown encoder no-such-encoder$"):
         await run_ffmpeg(ctx, [Input("/dev/null")], ["-f", "null", "-"], what="encode")
+
+
+async def test_runner_failing_data_callback_kills_the_child(clip: Path) -> None:
+    def refuse(chunk: bytes) -> None:
+        raise JobFailed("too much data")
+
+    with pytest.raises(JobFailed, match="too much data"):
+        await run_ffmpeg(
+            context(), [realtime(clip)], ["-map", "0:a:0", "-f", "s16le", "pipe:1"], duration=8, data=refuse
+        )
+    assert ffmpeg_children() == []

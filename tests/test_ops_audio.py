@@ -274,3 +274,12 @@ async def test_transcode_keeps_audio_tags_unless_asked(media: dict[str, Path], t
     p = params(audio.AudioTranscodeParams, "a.mp3", strip_metadata=True)
     await audio.run_transcode(str(tagged), str(out), p, Progress(), context())
     assert "title" not in probe(str(out)).tags and "artist" not in probe(str(out)).tags
+
+
+async def test_waveform_json_with_too_many_points_is_refused(media: dict[str, Path], out: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audio, "MAX_PEAKS", 1000)
+    p = params(audio.AudioWaveformParams, "p.json", samples_per_pixel=16)
+    with pytest.raises(JobFailed, match=r"over the limit of 1000; use samples_per_pixel of at least 177"):
+        await audio.run_waveform(str(media["tone"]), str(out), p, Progress(), context())
+    assert not out.exists()

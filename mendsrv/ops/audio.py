@@ -356,8 +356,8 @@ class AudioWaveformParams(JobParams):
     )
     samples_per_pixel: int | None = Field(
         default=None, ge=1, le=1_000_000,
-        description="JSON: source samples per peak pair (default 256); "
-        "PNG: computed so the whole source spans width",
+        description="JSON: source samples per min/max pair (default 256); "
+        "PNG: always computed so the whole source spans width",
     )
     bits: Literal[8, 16] = Field(default=8, description="JSON: peak resolution, 8 or 16 bits")
     split_channels: bool = Field(
@@ -369,6 +369,16 @@ class AudioWaveformParams(JobParams):
         if self.format:
             return self.format
         return "json" if extension_of(self.dest_key) == ".json" else "png"
+
+
+MAX_PEAKS = 5_000_000  # min/max pairs per channel: bounds the memory and the JSON size
+
+
+def _too_many_peaks(points: int, frames: float) -> JobFailed:
+    return JobFailed(
+        f"the waveform would have {points} points per channel, over the limit of {MAX_PEAKS}; "
+        f"use samples_per_pixel of at least {math.ceil(frames / MAX_PEAKS)}"
+    )
 
 
 class _Peaks:
@@ -407,6 +417,8 @@ class _Peaks:
                 part = block[ch::c]
                 self.mins[ch].append(min(part))
                 self.maxs[ch].append(max(part))
+        if len(self.mins[0]) > MAX_PEAKS:  # the probed duration understated the length
+            raise _too_many_peaks(len(self.mins[0]), len(self.mins[0]) * self.spp)
 
     @property
     def length(self) -> int:
@@ -473,13 +485,16 @@ async def run_waveform(
     sample_rate = audio.sample_rate or 44100
     if params.output_format == "png":
         total = (info.duration or 0) * sample_rate
-        spp = params.samples_per_pixel or (max(1, math.floor(total / params.width / 4)) if total else 1024)
+        spp = max(1, math.floor(total / params.width / 4)) if total else 1024
         peaks = await _decode_peaks(src_path, info, 1, spp, progress, ctx)
         await asyncio.to_thread(_render_png, peaks, params, dst_path)
         output = {"content_type": "image/png", "width": params.width, "height": params.height}
         return {"output": output, "duration": info.duration}
     channels = (audio.channels or 1) if params.split_channels else 1
     spp = params.samples_per_pixel or 256
+    frames = (info.duration or 0) * sample_rate
+    if frames / spp > MAX_PEAKS:
+        raise _too_many_peaks(math.ceil(frames / spp), frames)
     peaks = await _decode_peaks(src_path, info, channels, spp, progress, ctx)
     shift = 8 if params.bits == 8 else 0
     data: list[int] = []
