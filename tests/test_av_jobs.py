@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("mendsrv.app")
-pytest.importorskip("tests.conftest", reason="needs the core service test fixtures")
+import mendsrv
+
+if not (Path(mendsrv.__file__).parent / "app.py").exists() or not (Path(__file__).parent / "conftest.py").exists():
+    pytest.skip("needs the core service (mendsrv.app) and its test fixtures", allow_module_level=True)
 
 from tests.av_media import ffmpeg_children, make_video  # noqa: E402
 from tests.conftest import AUTH, job_body, wait_for_job  # noqa: E402
