@@ -189,6 +189,8 @@ def probe(path: str, limits: Limits | None = None) -> MediaInfo:
             info.duration = max(durations) if durations else None
         video = info.video
         if video is not None:
+            if limits is not None:  # before the first frame is decoded (below, in this process)
+                check_pixels(video, limits)
             video.rotation = _rotation(container, video.index)
     if limits is not None and info.duration is not None and info.duration > limits.max_duration_s:
         raise JobFailed(
@@ -196,6 +198,16 @@ def probe(path: str, limits: Limits | None = None) -> MediaInfo:
             "(limits.max_duration_s)"
         )
     return info
+
+
+def check_pixels(video: StreamInfo, limits: Limits) -> None:
+    """A video stream (or a still image ffmpeg reads) over limits.max_input_pixels, from its header."""
+    width, height = video.width or 0, video.height or 0
+    if width * height > limits.max_input_pixels:
+        raise JobFailed(
+            f"video is {width}×{height}, over the {limits.max_input_pixels / 1_000_000:g} megapixel limit "
+            "(limits.max_input_pixels)"
+        )
 
 
 def _seconds(value: int | None, unit: float) -> float | None:

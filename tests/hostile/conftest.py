@@ -51,6 +51,15 @@ def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", rows) + _png_chunk(b"IEND", b"")
 
 
+def png_bomb_complete(side: int = 12_000) -> bytes:
+    """A complete, valid side×side grey PNG (144 MP at the default) of about 1 MB: it decodes."""
+    comp = zlib.compressobj(1)
+    row = b"\0" * (side + 1)
+    data = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
 def jpeg_bomb(jpeg: bytes, width: int = 60_000, height: int = 60_000) -> bytes:
     """A small real JPEG whose frame header (SOF) is patched to claim width×height."""
     data = bytearray(jpeg)
@@ -163,6 +172,7 @@ def corpus_bytes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     png = small_png()
     files = {
         "bomb.png": png_bomb(),
+        "bomb-valid.png": png_bomb_complete(),
         "bomb.jpg": jpeg_bomb(jpeg),
         "zero.jpg": b"",
         "zero.mp4": b"",
@@ -224,8 +234,8 @@ def corpus(corpus_bytes: dict[str, bytes], canary: Canary) -> Corpus:
     files["outside.m3u8"] = hls_outside(canary.url)
     files["playlist.mp4"] = hls_outside(canary.url)  # a playlist under a media extension
     must_fail = [
-        "bomb.png", "bomb.jpg", "zero.jpg", "zero.mp4", "truncated.jpg", "truncated.png", "text.jpg",
-        "text.mp4", "concat.txt", "random.mp4", "outside.m3u8", "playlist.mp4",
+        "bomb.png", "bomb-valid.png", "bomb.jpg", "zero.jpg", "zero.mp4", "truncated.jpg", "truncated.png", "text.jpg",
+        "text.mp4", "concat.txt", "outside.m3u8", "playlist.mp4",
     ]
     if "truncated.mp4" in files:
         must_fail.append("truncated.mp4")
@@ -336,6 +346,14 @@ def assert_failed_with_sentence(job: dict[str, Any], *, names: str | None = None
     if names is not None:
         assert names in error, f"{job['type']}: {error!r} does not name {names}"
     return error
+
+
+def own_peak_rss_mb() -> float:
+    """Peak resident memory (VmHWM, MB) of this process (where the app under test runs)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def worker_peak_rss_mb(parent: int) -> dict[int, float]:
