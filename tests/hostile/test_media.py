@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mendsrv.ops import REGISTRY
 
 from ..conftest import job_body, wait_for_job, write_jpeg
@@ -149,3 +151,30 @@ async def test_hostile_svg_each_trick_is_refused_by_name(
         error = assert_failed_with_sentence(await wait_for_job(client, job_id))
         assert cases[name][1] in error, (name, error)
     assert canary.hits == []
+
+
+async def test_hostile_media_second_sources_are_checked_too(
+    corpus: Corpus, config_factory: Any, client_factory: Any, buckets: Path
+) -> None:
+    """A sound source with a hostile overlay (watermark image): the overlay meets the same limits."""
+    ops = [op for op in REGISTRY.values() if op.extra_sources]
+    if not ops:
+        pytest.skip("no operation takes a second source")
+    client = await client_factory(config_factory(limits={"max_source_bytes": 2_000_000}))
+    media = buckets / "media"
+    for name in ("good.jpg", "bomb-valid.png", "bomb.jpg", "truncated.png", "text.jpg", "zero.jpg"):
+        (media / name).write_bytes(corpus.files[name])
+    big = media / "big.bin"
+    big.write_bytes(b"\0" * 3_000_000)
+    expected = {
+        "bomb-valid.png": "limits.max_input_pixels", "bomb.jpg": "limits.max_input_pixels",
+        "big.bin": "limits.max_source_bytes", "truncated.png": "", "text.jpg": "", "zero.jpg": "",
+    }
+    for op in ops:
+        for overlay, names in expected.items():
+            params = {}
+            for bucket_field, key_field in op.extra_sources.values():
+                params |= {bucket_field: "media", key_field: overlay}
+            job_id = await submit(client, op.name, job_body("good.jpg", f"overlay/{overlay}.png", **params))
+            error = assert_failed_with_sentence(await wait_for_job(client, job_id))
+            assert names in error, (op.name, overlay, error)

@@ -153,3 +153,20 @@ async def test_hostile_sse_last_event_ids(client: Any, buckets: Path) -> None:
         assert "completed" in text or text.strip() == "", (value[:20], text[:200])
     resp = await client.get("/api/v1/jobs/00000000-0000-0000-0000-000000000000/stream", headers=AUTH)
     await _error(resp, 404)
+
+
+async def test_hostile_compressed_body_bomb_is_413(client: Any, buckets: Path) -> None:
+    """A gzip/deflate body is limited by its decompressed size: 100 MB of zeros in ~100 KB."""
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
+    bomb = b"".join(comp.compress(b"\0" * 1_048_576) for _ in range(100)) + comp.flush()
+    assert len(bomb) < 200_000
+    resp = await client.post(SUBMIT, data=bomb, headers=AUTH | JSON | {"Content-Encoding": "gzip"})
+    assert resp.status in (400, 413), resp.status
+    await _error(resp, resp.status)
+    comp = zlib.compressobj(9, zlib.DEFLATED, 15)  # deflate (zlib)
+    bomb = b"".join(comp.compress(b"[" * 1_048_576) for _ in range(20)) + comp.flush()
+    resp = await client.post(SUBMIT, data=bomb, headers=AUTH | JSON | {"Content-Encoding": "deflate"})
+    assert resp.status in (400, 413), resp.status
+    await _still_serving(client, buckets)
