@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import shutil
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -217,6 +218,9 @@ async def run_ffmpeg(
                 await task
         raise
     if returncode != 0:
+        full = disk_full(returncode, tail)
+        if full is not None:  # the pool turns this into a retried "temp directory full" sentence
+            raise OSError(full, os.strerror(full))
         raise JobFailed(f"ffmpeg could not {what}: {error_reason(list(tail), returncode, inputs)}")
     parser.emit(span[1], force=True)
     return Result(stderr="\n".join(tail))
@@ -269,6 +273,18 @@ def _classify(line: str) -> tuple[str | None, str]:
     if match:
         return match.group(1), _CONTEXT.sub("", line[match.end():]).strip()
     return None, line
+
+
+def disk_full(returncode: int, lines: Iterable[str]) -> int | None:
+    """The errno when ffmpeg stopped because its output did not fit (a full disk, a quota,
+    or a file-size limit: ffmpeg then dies of SIGXFSZ); None otherwise."""
+    if returncode == -signal.SIGXFSZ:
+        return errno.EFBIG
+    text = "\n".join(lines)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if os.strerror(code) in text:
+            return code
+    return None
 
 
 def error_reason(lines: list[str], returncode: int, inputs: Sequence[Input] = ()) -> str:
