@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import http
+from . import health, http, metrics, openapi
 from .config import Config
 from .keys import API_KEYS, CONFIG, DISPATCHER, NODE, REGISTRY, STORAGE, STORE
 from .ops import REGISTRY as ALL_OPERATIONS
@@ -47,7 +47,12 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[http.request_id_middleware, http.error_middleware, http.auth_middleware],
+        middlewares=[
+            http.request_id_middleware,
+            metrics.metrics_middleware,
+            http.error_middleware,
+            http.auth_middleware,
+        ],
     )
     app[CONFIG] = config
     app[API_KEYS] = [k.encode() for k in config.auth.api_keys]
@@ -55,4 +60,8 @@ def create_app(config: Config) -> web.Application:
     app[NODE] = config.server.node_id or default_node_id()
     app.cleanup_ctx.extend([_store_ctx, _storage_ctx, _dispatcher_ctx])
     http.setup_routes(app)
+    app.on_response_prepare.append(http.echo_request_id)
+    health.setup(app)
+    metrics.setup(app)
+    openapi.setup(app)
     return app
