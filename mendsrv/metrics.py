@@ -9,8 +9,10 @@ Hooks for other parts of the server, through ``app[METRICS]``:
 - ``job_submitted(type)``: the submit handler, once per new job;
 - ``webhook_delivered(result)``: the webhook sender, once per delivery attempt, with
   ``result`` one of ``delivered``, ``retry``, ``failed`` (gave up) or ``refused``;
-- ``sse_client_connected()`` / ``sse_client_disconnected()`` (or the
-  ``sse_client()`` context manager): the SSE handler, around each stream.
+- open Server-Sent Events streams are counted without help: a response prepared with
+  ``Content-Type: text/event-stream`` counts in ``mend_sse_clients`` until its
+  handler returns (``sse_client_connected()`` / ``sse_client_disconnected()`` exist
+  for streams served some other way).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 WEBHOOK_RESULTS = ("delivered", "retry", "failed", "refused")
 UNMATCHED = "unmatched"
+SSE_OPEN = web.RequestKey("mend_sse_open", bool)
 
 
 class Metrics:
@@ -179,9 +182,17 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     finally:
-        request.app[METRICS].observe_request(
-            request.method, route_label(request), status, time.monotonic() - started
-        )
+        metrics = request.app[METRICS]
+        if request.get(SSE_OPEN):
+            metrics.sse_client_disconnected()
+        metrics.observe_request(request.method, route_label(request), status, time.monotonic() - started)
+
+
+async def _count_event_streams(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: an event stream counts as an SSE client until its handler ends."""
+    if response.headers.get("Content-Type", "").startswith("text/event-stream") and not request.get(SSE_OPEN):
+        request[SSE_OPEN] = True
+        request.app[METRICS].sse_client_connected()
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -211,4 +222,5 @@ def setup(app: web.Application) -> None:
     """
     app[METRICS] = Metrics(sorted(app[REGISTRY]))
     app.cleanup_ctx.append(_listener_ctx)
+    app.on_response_prepare.append(_count_event_streams)
     app.router.add_get("/metrics", handle_metrics)

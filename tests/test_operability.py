@@ -16,9 +16,11 @@ from typing import Any
 from urllib.parse import urljoin
 
 import pytest
+from aiohttp import web
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
+from mendsrv.app import create_app
 from mendsrv.config import SECTIONS, load_config
 from mendsrv.keys import METRICS, STORE
 from mendsrv.logs import JsonFormatter, RequestIdFilter
@@ -213,6 +215,34 @@ async def test_metrics_hooks_for_webhooks_and_sse(client: Any) -> None:
     assert after[("mend_webhook_deliveries_total", (("result", "delivered"),))] == 1
     assert after[("mend_webhook_deliveries_total", (("result", "retry"),))] == 2
     assert after[("mend_webhook_deliveries_total", (("result", "failed"),))] == 0
+
+
+async def test_metrics_count_open_event_streams(
+    config_factory: Any, aiohttp_client: Any, buckets: Path
+) -> None:
+    """mend_sse_clients follows text/event-stream responses from prepare to their end."""
+    release = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b": hello\n\n")
+        await release.wait()
+        return response
+
+    app = create_app(config_factory())
+    app.router.add_get("/api/v1/jobs/{job_id}/stream", stream)
+    client = await aiohttp_client(app)
+    streams = [await client.get(f"/api/v1/jobs/j{n}/stream", headers=AUTH) for n in range(2)]
+    for resp in streams:
+        assert await resp.content.readline() == b": hello\n"
+    refused = await client.get("/api/v1/jobs/j9/stream")  # 401: never a stream
+    assert refused.status == 401
+    assert (await _scrape(client))[("mend_sse_clients", ())] == 2
+    release.set()
+    for resp in streams:
+        await resp.read()
+    assert (await _scrape(client))[("mend_sse_clients", ())] == 0
 
 
 async def test_metrics_registry_is_per_app(config_factory: Any, client_factory: Any, buckets: Path) -> None:
