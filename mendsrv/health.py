@@ -29,7 +29,7 @@ from aiohttp import web
 from . import __version__
 from .errors import MendError
 from .http import json_response
-from .keys import DISPATCHER, HEALTH, STORAGE, STORE
+from .keys import DISPATCHER, STORAGE, STORE
 
 CACHE_S = 1.5
 CHECK_TIMEOUT_S = 5.0
@@ -112,6 +112,9 @@ class HealthChecker:
         if not self.app[DISPATCHER].healthy():
             return "the job dispatcher is not running (stopping, or a lane has died; see the log)"
         return None
+
+
+HEALTH = web.AppKey("health", HealthChecker)
 
 
 async def handle_health(request: web.Request) -> web.Response:

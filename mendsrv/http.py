@@ -16,8 +16,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from .errors import BadRequest, MendError, NotFound, PayloadTooLarge, Unauthorized
-from .keys import API_KEYS, CONFIG, DISPATCHER, METRICS, REGISTRY, STORE
+from .keys import API_KEYS, CONFIG, DISPATCHER, REGISTRY, STORE
 from .logs import REQUEST_ID as REQUEST_ID_VAR
+from .metrics import METRICS
 from .models import Status
 
 log = logging.getLogger("mendsrv.http")

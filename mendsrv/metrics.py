@@ -4,7 +4,7 @@ Each app owns its ``Metrics`` (a private ``CollectorRegistry``; nothing global),
 tests can build many apps. Job counters are fed from store events; the pending and
 processing gauges are read from the store at scrape time.
 
-Hooks for other parts of the server, through ``app[METRICS]``:
+Hooks for other parts of the server, through ``app[METRICS]`` (``from .metrics import METRICS``):
 
 - ``job_submitted(type)``: the submit handler, once per new job;
 - ``webhook_delivered(result)``: the webhook sender, once per delivery attempt, with
@@ -37,7 +37,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__
-from .keys import METRICS, REGISTRY, STORE
+from .keys import REGISTRY, STORE
 from .models import TERMINAL, Event
 
 log = logging.getLogger("mendsrv.metrics")
@@ -153,6 +153,9 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def _ts(value: object) -> float | None:

@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from . import __version__
-from .keys import OPENAPI, REGISTRY
+from .keys import REGISTRY
 from .ops.base import Operation
 
 API = "/api/v1"
@@ -32,6 +32,7 @@ SWAGGER = "/swagger"
 SPEC_PATH = f"{SWAGGER}/openapi.json"
 OPENAPI_VERSION = "3.0.3"  # the Swagger UI of swagger-ui-bundle renders 3.0
 SECURITY = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
+OPENAPI = web.AppKey("openapi", dict)  # {"document": the encoded document, built on first use}
 
 # --- schema translation: JSON Schema 2020-12 (pydantic) -> OpenAPI 3.0 -------------------
 

@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mendsrv.app import create_app
 from mendsrv.config import SECTIONS, load_config
-from mendsrv.keys import METRICS, STORE
+from mendsrv.keys import STORE
 from mendsrv.logs import JsonFormatter, RequestIdFilter
+from mendsrv.metrics import METRICS
 from mendsrv.ops import REGISTRY
 
 from .conftest import AUTH, REPO, free_port, job_body, wait_for_job, write_jpeg
