@@ -137,6 +137,37 @@ def to_oas30(schema: Any) -> Any:
     return out
 
 
+# What JobParams' validators check on the common fields, stated in the schema so that
+# clients (and generated tests) can see it; '.' and '..' segments are in the description.
+_BUCKET = {"minLength": 1, "maxLength": 63, "pattern": r"^[a-zA-Z0-9][a-zA-Z0-9._-]*$"}
+_KEY = {
+    "minLength": 1,
+    "pattern": r"^[^/\\\x00-\x1f\x7f-\x9f][^\\\x00-\x1f\x7f-\x9f]*$",
+    "description_suffix": (
+        "; at most 1024 bytes, no leading '/', no backslash or control character, "
+        "no '.' or '..' path segment"
+    ),
+}
+COMMON_FIELD_RULES: dict[str, dict[str, Any]] = {
+    "source_bucket": _BUCKET, "dest_bucket": _BUCKET, "source_key": _KEY, "dest_key": _KEY,
+    "webhook_url": {"pattern": r"^https?://[^\s/?#]+"},
+}
+
+
+def _with_common_rules(schema: dict[str, Any]) -> dict[str, Any]:
+    props = schema.get("properties", {})
+    for name, rules in COMMON_FIELD_RULES.items():
+        prop = props.get(name)
+        if not isinstance(prop, dict) or prop.get("type") != "string":
+            continue
+        for key, value in rules.items():
+            if key == "description_suffix":
+                prop["description"] = prop.get("description", "") + value
+            else:
+                prop.setdefault(key, value)
+    return schema
+
+
 def _op_schema_name(op_name: str) -> str:
     return "".join(part.capitalize() for part in re.split(r"[/_\-]", op_name)) + "Params"
 
@@ -156,6 +187,8 @@ def operation_schemas(ops: list[Operation]) -> tuple[dict[str, str], dict[str, A
             rename[old] = new
     schemas = {rename.get(name, name): _renamed(to_oas30(schema), rename) for name, schema in defs.items()}
     by_op = {op.name: rename.get(model_name[op.model], model_name[op.model]) for op in ops}
+    for name in set(by_op.values()):
+        _with_common_rules(schemas[name])
     return by_op, schemas
 
 
@@ -253,7 +286,10 @@ SCHEMAS: dict[str, Any] = {
         "required": ["job_id", "status", "message"],
         "properties": {
             "job_id": {"type": "string", "format": "uuid"},
-            "status": {"type": "string", "enum": ["pending"]},
+            "status": {
+                "allOf": [{"$ref": "#/components/schemas/JobStatus"}],
+                "description": "pending; for a repeated Idempotency-Key, the first job's current status",
+            },
             "message": {"type": "string", "example": "Job queued for processing"},
         },
     },
@@ -433,12 +469,19 @@ ROUTES: dict[tuple[str, str], dict[str, Any]] = {
             "Reconnect with `Last-Event-ID` to get what was missed."
         ),
         "parameters": [
-            {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"},
-             "description": "Resume after this event id"}
+            {"name": "Last-Event-ID", "in": "header", "required": False,
+             "schema": {"type": "string"}, "description": "Resume after this event id (a non-negative integer)"}
         ],
         "responses": {
-            "200": {"description": "An event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-            **_errors(401, 404, 500),
+            "200": {
+                "description": "An event stream",
+                "content": {
+                    "text/event-stream": {
+                        "example": 'id: 12\nevent: progress\ndata: {"job_id": "…", "progress": 40, "phase": "processing"}\n\n'
+                    }
+                },
+            },
+            **_errors(400, 401, 404, 500),
         },
     },
     ("GET", "/health"): {
@@ -473,7 +516,8 @@ def _submit_operation(op: Operation, schema_name: str, schema: dict[str, Any]) -
             "follow the job with `GET /api/v1/jobs/{job_id}`, its event stream or a webhook."
         ),
         "parameters": [
-            {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
+            {"name": "Idempotency-Key", "in": "header", "required": False,
+             "schema": {"type": "string", "minLength": 1, "maxLength": 255},
              "description": "Repeat a submission safely: the same key and body return the first job"},
             {"$ref": "#/components/parameters/RequestId"},
         ],
@@ -569,8 +613,11 @@ def build_document(app: web.Application) -> dict[str, Any]:
                     "name": "X-Request-ID",
                     "in": "header",
                     "required": False,
-                    "schema": {"type": "string", "maxLength": 200},
-                    "description": "Your id for this request: echoed, logged, and the default request_id of a job",
+                    "schema": {"type": "string"},
+                    "description": (
+                        "Your id for this request (up to 200 printable characters; otherwise the server makes "
+                        "one): echoed in the response, in every log line, and the default request_id of a job"
+                    ),
                 }
             },
             "securitySchemes": {
