@@ -1,8 +1,10 @@
 """Prometheus metrics: ``GET /metrics`` (no auth).
 
 Each app owns its ``Metrics`` (a private ``CollectorRegistry``; nothing global), so
-tests can build many apps. Job counters are fed from store events; the pending and
-processing gauges are read from the store at scrape time.
+tests can build many apps. Job counters are fed from store events, counting the
+transitions this node made (with a store shared by several nodes, sum them across
+nodes); the pending and processing gauges are read from the store at scrape time
+(the same on every node sharing a store).
 
 Hooks for other parts of the server, through ``app[METRICS]`` (``from .metrics import METRICS``):
 
@@ -37,8 +39,10 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__
-from .keys import REGISTRY, STORE
+from .keys import DISPATCHER, REGISTRY, STORE
+from .logs import REQUEST_ID
 from .models import TERMINAL, Event
+from .pool import Dispatcher
 
 log = logging.getLogger("mendsrv.metrics")
 
@@ -142,9 +146,15 @@ class Metrics:
 
     # --- store events ------------------------------------------------------------------
 
-    def on_event(self, event: Event) -> None:
-        """Store listener: count terminal transitions and time the jobs that ran."""
+    def on_event(self, event: Event, local: Callable[[Event], bool] | None = None) -> None:
+        """Store listener: count terminal transitions and time the jobs that ran.
+
+        ``local`` tells whether this node made the transition: with a store shared by
+        several nodes, listeners also hear the others' events, which those nodes count.
+        """
         if event.kind != "status" or not event.terminal:
+            return
+        if local is not None and not local(event):
             return
         data = event.data
         started, finished = _ts(data.get("started_at")), _ts(data.get("finished_at"))
@@ -211,11 +221,28 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return response
 
 
+def _made_here(dispatcher: Dispatcher) -> Callable[[Event], bool]:
+    """Whether a terminal transition was made by this node: the job ran here, or it was
+    cancelled before it started by a request served here."""
+
+    def local(event: Event) -> bool:
+        if dispatcher.runs(event.job_id):
+            return True
+        return event.data.get("started_at") is None and REQUEST_ID.get() is not None
+
+    return local
+
+
 async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = app[STORE]
-    store.add_listener(app[METRICS].on_event)
+    store, metrics = app[STORE], app[METRICS]
+    local = _made_here(app[DISPATCHER])
+
+    def listener(event: Event) -> None:
+        metrics.on_event(event, local)
+
+    store.add_listener(listener)
     yield
-    store.remove_listener(app[METRICS].on_event)
+    store.remove_listener(listener)
 
 
 def setup(app: web.Application) -> None:

@@ -155,6 +155,10 @@ class Dispatcher:
     def running(self) -> int:
         return len(self._running)
 
+    def runs(self, job_id: str) -> bool:
+        """Is this job running on this node now?"""
+        return job_id in self._running
+
     def healthy(self) -> bool:
         return not self._stopping and all(not lane.done() for lane in self._lanes)
 

@@ -199,6 +199,14 @@ async def test_metrics_pending_gauge_and_401_counted(config_factory: Any, client
     await client.get("/no/such/route")
     samples = await _scrape(client)
     assert samples[("mend_http_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1
+    # a cancel served here counts; a transition made elsewhere (as by another node sharing
+    # the store, here: the store used directly, outside any request) is that node's to count
+    assert (await client.post("/api/v1/jobs/parked-0/cancel", headers=AUTH)).status == 200
+    await store.cancel("parked-1")
+    samples = await _scrape(client)
+    cancelled = (("status", "cancelled"), ("type", "image/resize"))
+    assert samples[("mend_jobs_finished_total", cancelled)] == 1
+    assert samples[("mend_jobs_pending", ())] == 1
 
 
 async def test_metrics_hooks_for_webhooks_and_sse(client: Any) -> None:
