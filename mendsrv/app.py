@@ -15,6 +15,7 @@ from . import health, http, metrics, openapi
 from .config import Config
 from .events import EventHub
 from .keys import API_KEYS, CONFIG, DISPATCHER, EVENT_HUB, NODE, REGISTRY, STORAGE, STORE, WEBHOOKS
+from .metrics import METRICS
 from .ops import REGISTRY as ALL_OPERATIONS
 from .pool import Dispatcher, default_node_id
 from .storage import open_storage
@@ -60,7 +61,7 @@ async def _end_streams(app: web.Application) -> None:
 
 
 async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
-    sender = WebhookSender(app[CONFIG].webhooks, app[STORE])
+    sender = WebhookSender(app[CONFIG].webhooks, app[STORE], on_attempt=app[METRICS].webhook_delivered)
     await sender.start()
     app[WEBHOOKS] = sender
     yield

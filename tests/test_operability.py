@@ -20,7 +20,6 @@ from aiohttp import web
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
-from mendsrv.app import create_app
 from mendsrv.config import SECTIONS, load_config
 from mendsrv.keys import STORE
 from mendsrv.logs import JsonFormatter, RequestIdFilter
@@ -226,31 +225,48 @@ async def test_metrics_hooks_for_webhooks_and_sse(client: Any) -> None:
     assert after[("mend_webhook_deliveries_total", (("result", "failed"),))] == 0
 
 
-async def test_metrics_count_open_event_streams(
-    config_factory: Any, aiohttp_client: Any, buckets: Path
-) -> None:
-    """mend_sse_clients follows text/event-stream responses from prepare to their end."""
-    release = asyncio.Event()
+async def test_metrics_count_webhook_deliveries(client: Any, buckets: Path, aiohttp_server: Any) -> None:
+    answers = [500, 204]  # one failed attempt (retried), then delivered
 
-    async def stream(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b": hello\n\n")
-        await release.wait()
-        return response
+    async def receive(request: web.Request) -> web.Response:
+        return web.Response(status=answers.pop(0) if answers else 204)
 
-    app = create_app(config_factory())
-    app.router.add_get("/api/v1/test-streams/{n}", stream)  # a stream route of its own
-    client = await aiohttp_client(app)
-    streams = [await client.get(f"/api/v1/test-streams/{n}", headers=AUTH) for n in range(2)]
+    receiver = web.Application()
+    receiver.router.add_post("/hook", receive)
+    server = await aiohttp_server(receiver)
+    write_jpeg(buckets / "media" / "in.jpg", 64, 64)
+    body = job_body(width=10, webhook_url=str(server.make_url("/hook")))
+    job = await (await client.post("/api/v1/jobs/image/resize", json=body, headers=AUTH)).json()
+    await wait_for_job(client, job["job_id"])
+    deadline = time.monotonic() + 30
+    while True:
+        samples = await _scrape(client)
+        if samples[("mend_webhook_deliveries_total", (("result", "delivered"),))] == 1:
+            break
+        assert time.monotonic() < deadline, "the webhook was not delivered"
+        await asyncio.sleep(0.1)
+    assert samples[("mend_webhook_deliveries_total", (("result", "retry"),))] == 1
+
+
+async def test_metrics_count_open_event_streams(client: Any, buckets: Path) -> None:
+    """mend_sse_clients follows the job streams from their first event to their end."""
+    store = client.server.app[STORE]
+    for n in range(2):  # parked: no worker lane serves resource "nowhere"
+        await store.insert_job(
+            job_id=f"watched-{n}", type="image/resize", resource="nowhere", params={}, request_id=None,
+            webhook_url=None, webhook_style="default",
+        )
+    streams = [await client.get(f"/api/v1/jobs/watched-{n}/stream", headers=AUTH) for n in range(2)]
     for resp in streams:
-        assert await resp.content.readline() == b": hello\n"
-    refused = await client.get("/api/v1/test-streams/9")  # 401: never a stream
-    assert refused.status == 401
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        while not (await resp.content.readline()).startswith(b"data:"):
+            pass
+    assert (await client.get("/api/v1/jobs/watched-0/stream")).status == 401  # never a stream
+    assert (await client.get("/api/v1/jobs/nobody/stream", headers=AUTH)).status == 404
     assert (await _scrape(client))[("mend_sse_clients", ())] == 2
-    release.set()
-    for resp in streams:
-        await resp.read()
+    for n, resp in enumerate(streams):
+        assert (await client.post(f"/api/v1/jobs/watched-{n}/cancel", headers=AUTH)).status == 200
+        assert b"cancelled" in await resp.read()  # the stream ends after the terminal event
     assert (await _scrape(client))[("mend_sse_clients", ())] == 0
 
 
