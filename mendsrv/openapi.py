@@ -470,7 +470,7 @@ ROUTES: dict[tuple[str, str], dict[str, Any]] = {
         ),
         "parameters": [
             {"name": "Last-Event-ID", "in": "header", "required": False,
-             "schema": {"type": "string"}, "description": "Resume after this event id (a non-negative integer)"}
+             "schema": {"type": "string"}, "description": "Resume after this event id (an id this stream sent; anything else reads as none)"}
         ],
         "responses": {
             "200": {
@@ -481,7 +481,7 @@ ROUTES: dict[tuple[str, str], dict[str, Any]] = {
                     }
                 },
             },
-            **_errors(400, 401, 404, 500),
+            **_errors(401, 404, 500),
         },
     },
     ("GET", "/health"): {

@@ -304,7 +304,8 @@ async def test_openapi_document_is_valid_and_lists_every_operation(client: Any) 
         assert post["security"] == [{"ApiKeyHeader": []}, {"BearerAuth": []}]
     assert "{family}" not in json.dumps(list(doc["paths"]))
     for route in ("/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/cancel",
-                  "/api/v1/jobs/{job_id}/retry", "/api/v1/operations", "/health", "/metrics"):
+                  "/api/v1/jobs/{job_id}/retry", "/api/v1/jobs/{job_id}/stream", "/api/v1/jobs/{job_id}/deliveries",
+                  "/api/v1/operations", "/health", "/metrics"):
         assert route in doc["paths"], route
     assert doc["paths"]["/health"]["get"]["security"] == []
     error = schemas["Error"]
