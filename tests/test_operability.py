@@ -21,7 +21,7 @@ from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
 from mendsrv.config import SECTIONS, load_config
-from mendsrv.keys import STORE
+from mendsrv.keys import DISPATCHER, STORE
 from mendsrv.logs import JsonFormatter, RequestIdFilter
 from mendsrv.metrics import METRICS
 from mendsrv.ops import REGISTRY
@@ -136,6 +136,14 @@ async def test_health_503_names_ffmpeg_when_the_binary_is_missing(
     assert body["checks"]["ffmpeg"]["status"] == "fail"
     assert "no-ffmpeg" in body["checks"]["ffmpeg"]["error"]
     assert {n for n, c in body["checks"].items() if c["status"] == "fail"} == {"ffmpeg"}
+
+
+async def test_health_503_names_workers_when_the_dispatcher_stopped(client: Any) -> None:
+    await _health_until(client, 200)
+    await client.server.app[DISPATCHER].stop(0)
+    body = await _health_until(client, 503)
+    assert {n for n, c in body["checks"].items() if c["status"] == "fail"} == {"workers"}
+    assert "dispatcher" in body["checks"]["workers"]["error"]
 
 
 # --- /metrics ---------------------------------------------------------------------------
