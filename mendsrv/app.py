@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import health, http, metrics, openapi
+from . import health, http, metrics, swagger
 from .config import Config
 from .events import EventHub
 from .keys import API_KEYS, CONFIG, DISPATCHER, EVENT_HUB, NODE, REGISTRY, STORAGE, STORE, WEBHOOKS
@@ -90,5 +90,5 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(http.echo_request_id)
     health.setup(app)
     metrics.setup(app)
-    openapi.setup(app)
+    swagger.setup(app)
     return app

@@ -1,7 +1,6 @@
-"""The OpenAPI document and the Swagger UI, both generated and served by the server.
+"""The OpenAPI document, generated from the app's routes and the operation registry.
 
-``GET /swagger/openapi.json`` is an OpenAPI 3.0 document built from the app's routes
-and the operation registry: every operation gets its own path
+It is an OpenAPI 3.0 document (served at ``/swagger/openapi.json`` by swagger.py): every operation gets its own path
 (``POST /api/v1/jobs/image/resize``) whose request body is the operation's pydantic
 JSON schema (translated to the OpenAPI 3.0 schema dialect, ``$defs`` hoisted into
 ``components/schemas``). Routes this module has no description for are still listed,
@@ -16,10 +15,8 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
@@ -28,11 +25,8 @@ from .keys import REGISTRY
 from .ops.base import Operation
 
 API = "/api/v1"
-SWAGGER = "/swagger"
-SPEC_PATH = f"{SWAGGER}/openapi.json"
 OPENAPI_VERSION = "3.0.3"  # the Swagger UI of swagger-ui-bundle renders 3.0
 SECURITY = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
-OPENAPI = web.AppKey("openapi", dict)  # {"document": the encoded document, built on first use}
 
 # --- schema translation: JSON Schema 2020-12 (pydantic) -> OpenAPI 3.0 -------------------
 
@@ -626,76 +620,3 @@ def build_document(app: web.Application) -> dict[str, Any]:
             },
         },
     }
-
-
-# --- handlers ----------------------------------------------------------------------------
-
-
-def swagger_ui_dir() -> Path:
-    import swagger_ui_bundle
-
-    return Path(swagger_ui_bundle.swagger_ui_path)
-
-
-INDEX_HTML = """<!DOCTYPE html>
-<html lang="en">
-  <head>
-    <meta charset="UTF-8">
-    <title>mendsrv API</title>
-    <link rel="stylesheet" type="text/css" href="./swagger-ui.css" />
-    <link rel="stylesheet" type="text/css" href="./index.css" />
-    <link rel="icon" type="image/png" href="./favicon-32x32.png" sizes="32x32" />
-    <link rel="icon" type="image/png" href="./favicon-16x16.png" sizes="16x16" />
-  </head>
-  <body>
-    <div id="swagger-ui"></div>
-    <script src="./swagger-ui-bundle.js" charset="UTF-8"></script>
-    <script src="./swagger-initializer.js" charset="UTF-8"></script>
-  </body>
-</html>
-"""
-
-INITIALIZER_JS = """window.onload = function () {
-  window.ui = SwaggerUIBundle({
-    url: new URL("openapi.json", window.location.href).pathname,
-    dom_id: "#swagger-ui",
-    deepLinking: true,
-    persistAuthorization: true,
-    displayRequestDuration: true,
-    tryItOutEnabled: false,
-    validatorUrl: null,
-    presets: [SwaggerUIBundle.presets.apis],
-    plugins: [SwaggerUIBundle.plugins.DownloadUrl],
-    layout: "BaseLayout"
-  });
-};
-"""
-
-
-async def handle_openapi(request: web.Request) -> web.Response:
-    cache = request.app[OPENAPI]
-    if "document" not in cache:
-        cache["document"] = orjson.dumps(build_document(request.app))
-    return web.Response(body=cache["document"], content_type="application/json")
-
-
-async def handle_index(request: web.Request) -> web.Response:
-    return web.Response(text=INDEX_HTML, content_type="text/html")
-
-
-async def handle_initializer(request: web.Request) -> web.Response:
-    return web.Response(text=INITIALIZER_JS, content_type="application/javascript")
-
-
-async def handle_redirect(request: web.Request) -> web.Response:
-    raise web.HTTPFound(f"{SWAGGER}/")
-
-
-def setup(app: web.Application) -> None:
-    """Serve /swagger/openapi.json and the Swagger UI under /swagger/ (no auth)."""
-    app[OPENAPI] = {}
-    app.router.add_get(SWAGGER, handle_redirect)
-    app.router.add_get(f"{SWAGGER}/", handle_index)
-    app.router.add_get(SPEC_PATH, handle_openapi)
-    app.router.add_get(f"{SWAGGER}/swagger-initializer.js", handle_initializer)
-    app.router.add_static(SWAGGER, swagger_ui_dir(), follow_symlinks=False, show_index=False)
