@@ -1,7 +1,7 @@
 """The app factory: ``create_app(config) -> web.Application``.
 
 Resources are opened and closed in ``cleanup_ctx`` generators, in order: store,
-storage, dispatcher, event hub, webhook sender. No module-level singletons.
+storage, event hub, webhook sender, dispatcher. No module-level singletons.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def create_app(config: Config) -> web.Application:
     app[REGISTRY] = ALL_OPERATIONS
     app[NODE] = config.server.node_id or default_node_id()
     app[EVENT_HUB] = EventHub(config.server.sse_queue_size)
-    app.cleanup_ctx.extend([_store_ctx, _storage_ctx, _dispatcher_ctx])
-    app.cleanup_ctx.extend([_events_ctx, _webhooks_ctx])
+    # the dispatcher opens last and so closes first: jobs it drains on shutdown still
+    # reach SSE subscribers and the webhook sender
+    app.cleanup_ctx.extend([_store_ctx, _storage_ctx, _events_ctx, _webhooks_ctx, _dispatcher_ctx])
     app.on_shutdown.append(_end_streams)
     http.setup_routes(app)
     app.on_response_prepare.append(http.echo_request_id)
