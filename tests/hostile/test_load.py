@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from ..conftest import AUTH, job_body
+from .conftest import own_peak_rss_mb
 
 SUBMISSIONS = 2000
 CONNECTIONS = 64
@@ -25,6 +26,7 @@ async def test_load_2000_submissions_no_5xx(config_factory: Any, client_factory:
     accepted: list[str] = []
     gate = asyncio.Semaphore(CONNECTIONS)
     connector = aiohttp.TCPConnector(limit=CONNECTIONS, force_close=False)
+    peak_before = own_peak_rss_mb()
     started = time.monotonic()
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
 
@@ -46,6 +48,8 @@ async def test_load_2000_submissions_no_5xx(config_factory: Any, client_factory:
         assert not [s for s in statuses if s >= 500], statuses
         assert statuses[202] == SUBMISSIONS, statuses
         assert elapsed < 90, f"{SUBMISSIONS} submissions took {elapsed:.1f} s"
+        # the server (in this process) did not balloon under the load
+        assert own_peak_rss_mb() - peak_before < 250, (peak_before, own_peak_rss_mb())
         # every accepted job is in the store, once
         seen: set[str] = set()
         cursor = None
