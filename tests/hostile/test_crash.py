@@ -244,6 +244,7 @@ async def test_crash_worker_killed_in_a_real_server(server_process: Any, tmp_pat
                 return str((await resp.json())["job_id"])
 
         victim = await submit(job_body("big.jpg", "victim.avif", width=2000))
+        others = [await submit(job_body("small.jpg", f"o{i}.jpg", width=50)) for i in range(8)]
         deadline = time.monotonic() + 30
         pid = None
         while pid is None:
@@ -252,7 +253,6 @@ async def test_crash_worker_killed_in_a_real_server(server_process: Any, tmp_pat
                     pid = int(pid_file.read_text())
             assert time.monotonic() < deadline, "the job never reached a worker"
             await asyncio.sleep(0.01)
-        others = [await submit(job_body("small.jpg", f"o{i}.jpg", width=50)) for i in range(8)]
         before = _children(server.proc.pid)
         assert pid in before  # the pid file names a child of the server
         os.kill(pid, signal.SIGKILL)
