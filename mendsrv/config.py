@@ -41,6 +41,15 @@ class AuthConfig(_Section):
 class StoreConfig(_Section):
     path: str = Field("./data/mend.db", description="SQLite database file (the embedded default)")
     url: str = Field("", description='"postgresql://…" selects a shared PostgreSQL store; empty = SQLite at path')
+    heartbeat_s: float = Field(
+        2.0, gt=0, description="PostgreSQL: how often each node records that it is alive (nodes table)"
+    )
+    node_timeout_s: float = Field(
+        10.0, gt=0,
+        description="PostgreSQL: a node silent this long is dead; its processing jobs are requeued by the others "
+        "(at least twice heartbeat_s)",
+    )
+    pool_size: int = Field(10, ge=2, le=200, description="PostgreSQL: connections per node (plus one for LISTEN)")
 
 
 class StorageConfig(_Section):
