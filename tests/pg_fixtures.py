@@ -78,17 +78,19 @@ def pg_cluster() -> Iterator[PgCluster]:
     )
     pg_ctl(["-w", "-t", "60", "-o", options, "-l", str(pgdata / "server.log"), "start"],
            pgdata=pgdata, user=user, timeout=90)
+    cluster = PgCluster(pgdata, port, user)
+    cluster.psql("CREATE DATABASE mend_template")  # copying it is quicker than copying template1
     try:
-        yield PgCluster(pgdata, port, user)
+        yield cluster
     finally:
         pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, user=user, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
-def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
-    """A fresh, empty database for one test; dropped afterwards."""
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A fresh, empty database for one test."""
     name = f"mend_{uuid.uuid4().hex[:12]}"
-    pg_cluster.psql(f"CREATE DATABASE {name}")
-    yield pg_cluster.url(name)
-    pg_cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    pg_cluster.psql(f"CREATE DATABASE {name} TEMPLATE mend_template STRATEGY FILE_COPY")
+    # not dropped one by one (that slows the next CREATE): the cluster goes at session end
+    return pg_cluster.url(name)
