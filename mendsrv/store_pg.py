@@ -208,6 +208,7 @@ class PostgresStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._healthy_since: float | None = None
         self._registered = False
+        self._closing = False
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -299,6 +300,7 @@ class PostgresStore:
         )
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -470,12 +472,32 @@ class PostgresStore:
         async with self._acquire() as conn:
             await conn.execute(_q(sql), *args)
 
-    async def _write(self, fn: Callable[[asyncpg.Connection], Awaitable[tuple[Any, list[Event]]]]) -> Any:
+    async def _write(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[tuple[Any, list[Event]]]], *, persist: bool = False
+    ) -> Any:
         """Run ``fn(conn)`` as one transaction; ``fn`` returns ``(value, events)``.
 
         Shielded as in store.py: a cancelled caller does not cut the transaction short.
+        ``persist``: the write is retried on a lost connection until it lands or the
+        store closes (a job's progress and outcome outlive a short database outage;
+        requests from clients fail at once with 503 instead).
         """
-        return await asyncio.shield(self._transaction(fn))
+        return await asyncio.shield(self._persistent(fn) if persist else self._transaction(fn))
+
+    async def _persistent(self, fn: Callable[[asyncpg.Connection], Awaitable[tuple[Any, list[Event]]]]) -> Any:
+        delay = 0.1
+        warned = False
+        while True:
+            try:
+                return await self._transaction(fn)
+            except Unavailable as exc:
+                if self._closing:
+                    raise
+                if not warned:
+                    log.warning("job store unreachable; retrying a job update", extra={"error": exc.message})
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _transaction(self, fn: Callable[[asyncpg.Connection], Awaitable[tuple[Any, list[Event]]]]) -> Any:
         async with self._acquire() as conn, conn.transaction():
@@ -505,9 +527,16 @@ class PostgresStore:
         args: tuple[Any, ...] = (),
         guard: str = "",
         guard_args: tuple[Any, ...] = (),
+        owned: bool = False,
     ) -> Job:
-        """``UPDATE jobs SET status=to, … WHERE id=? AND status = ANY(allowed)`` + its event."""
+        """``UPDATE jobs SET status=to, … WHERE id=? AND status = ANY(allowed)`` + its event.
+
+        ``owned`` (the dispatcher's writes): a processing job must be processing on this
+        node, so a node that was taken for dead cannot finish a job another node re-ran.
+        """
         allowed_values = [s.value for s in allowed]
+        if owned:
+            guard, guard_args = " AND (status <> 'processing' OR node IS NOT DISTINCT FROM ?)", (self.node,)
         sql = _q(
             f"UPDATE jobs SET status = ?{', ' + sets if sets else ''} "
             f"WHERE id = ? AND status = ANY(?::text[]){guard} RETURNING {_JOB_COLUMNS}"
@@ -516,10 +545,14 @@ class PostgresStore:
         async def tx(conn: asyncpg.Connection) -> tuple[Job, list[Event]]:
             row = await conn.fetchrow(sql, to.value, *args, job_id, allowed_values, *guard_args)
             if row is None:
-                current = await conn.fetchval("SELECT status FROM jobs WHERE id = $1", job_id)
+                current = await conn.fetchrow("SELECT status, node FROM jobs WHERE id = $1", job_id)
                 if current is None:
                     raise NotFound(f"job {job_id} not found")
-                raise TransitionError(f"job {job_id} is {current}; it cannot become {to.value}")
+                if owned and current[0] in allowed_values and current[1] != self.node:
+                    raise TransitionError(
+                        f"job {job_id} is {current[0]} on node {current[1]}; this node ({self.node}) no longer runs it"
+                    )
+                raise TransitionError(f"job {job_id} is {current[0]}; it cannot become {to.value}")
             job = _job(row)
             events = [await self._add_event(conn, job.id, "status", job.resource_dict(), to in TERMINAL)]
             if to in TERMINAL and job.webhook_url:
@@ -530,7 +563,7 @@ class PostgresStore:
                 )
             return job, events
 
-        return await self._write(tx)
+        return await self._write(tx, persist=owned)
 
     # --- jobs ----------------------------------------------------------------------
 
@@ -642,7 +675,8 @@ class PostgresStore:
 
         async def tx(conn: asyncpg.Connection) -> tuple[Event | None, list[Event]]:
             found = await conn.fetchval(
-                "UPDATE jobs SET progress = $1 WHERE id = $2 AND status = 'processing' RETURNING 1", progress, job_id
+                "UPDATE jobs SET progress = $1 WHERE id = $2 AND status = 'processing' AND node = $3 RETURNING 1",
+                progress, job_id, self.node,
             )
             if found is None:
                 return None, []
@@ -650,16 +684,18 @@ class PostgresStore:
             event = await self._add_event(conn, job_id, "progress", data)
             return event, [event]
 
-        return await self._write(tx)
+        return await self._write(tx, persist=True)
 
     async def complete(self, job_id: str, result: dict[str, Any]) -> Job:
         return await self._transition(
             job_id, [Status.PROCESSING], Status.COMPLETED,
-            "progress = 100, finished_at = ?, result = ?, error = NULL", (now(), _dumps(result)),
+            "progress = 100, finished_at = ?, result = ?, error = NULL", (now(), _dumps(result)), owned=True,
         )
 
     async def fail(self, job_id: str, error: str, *, allowed: Iterable[Status] = (Status.PROCESSING,)) -> Job:
-        return await self._transition(job_id, allowed, Status.FAILED, "finished_at = ?, error = ?", (now(), error))
+        return await self._transition(
+            job_id, allowed, Status.FAILED, "finished_at = ?, error = ?", (now(), error), owned=True
+        )
 
     async def cancel(self, job_id: str) -> Job:
         try:
@@ -688,7 +724,7 @@ class PostgresStore:
             job_id, [Status.PROCESSING], Status.PENDING,
             f"progress = 0, started_at = NULL, node = NULL, run_after = ?, error = ?"
             f"{', attempts = greatest(attempts - 1, 0)' if refund else ''}",
-            (now() + delay_s, error), guard, guard_args,
+            (now() + delay_s, error), guard, guard_args, owned=_node is ...,
         )
 
     async def recover(self, max_attempts: int, node: str | None = None) -> tuple[int, int]:

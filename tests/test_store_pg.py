@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from mendsrv.errors import ConfigError
+from mendsrv.errors import ConfigError, Unavailable
 from mendsrv.models import Event, Status
+from mendsrv.store import TransitionError
 from mendsrv.store_pg import PostgresStore
 
 
@@ -212,3 +213,44 @@ async def test_store_pg_local_storage_refused_with_several_nodes(open_node: Any)
 async def test_store_pg_node_timeout_must_exceed_heartbeats(pg_url: str) -> None:
     with pytest.raises(ConfigError, match="node_timeout_s"):
         await PostgresStore.open(pg_url, node="x", heartbeat_s=5, node_timeout_s=6)
+
+
+async def test_store_pg_database_restart_jobs_finish_requests_get_503(open_node: Any, pg_cluster: Any) -> None:
+    a = await open_node("a", heartbeat_s=0.2, node_timeout_s=1.0)
+    b = await open_node("b", heartbeat_s=0.2, node_timeout_s=1.0)
+    heard: list[Event] = []
+    b.add_listener(heard.append)
+    job = await add(a)
+    await a.claim("cpu", "a")
+    pending = await add(a)
+    await asyncio.to_thread(pg_cluster.stop)
+    try:
+        # a client's request fails at once with 503 (a sentence, not a traceback)
+        with pytest.raises(Unavailable, match="unreachable"):
+            await a.cancel(pending.id)
+        # the worker's outcome waits for the database
+        finishing = asyncio.ensure_future(a.complete(job.id, {"outputs": []}))
+        await asyncio.sleep(1.5)  # longer than node_timeout_s
+        assert not finishing.done()
+    finally:
+        await asyncio.to_thread(pg_cluster.start)
+    done = await asyncio.wait_for(finishing, 20)
+    assert done.status is Status.COMPLETED and done.attempts == 1
+    # nobody took the other's jobs for dead meanwhile, and events flow again across nodes
+    await asyncio.sleep(1.5)
+    assert sorted(await b.live_nodes()) == ["a", "b"]
+    await a.cancel(pending.id)
+    await until(lambda: any(e.job_id == pending.id and e.data["status"] == "cancelled" for e in heard))
+
+
+async def test_store_pg_node_taken_for_dead_cannot_finish_a_job_rerun_elsewhere(open_node: Any) -> None:
+    a = await open_node("a")
+    b = await open_node("b")
+    job = await add(a)
+    await a.claim("cpu", "a")
+    await b.recover(max_attempts=3, node="a")  # as the reaper does once a's heartbeat is stale
+    await b.claim("cpu", "b")
+    with pytest.raises(TransitionError, match="processing on node b; this node \\(a\\) no longer runs it"):
+        await a.complete(job.id, {"outputs": []})
+    assert await a.set_progress(job.id, 50, "processing") is None
+    assert (await b.complete(job.id, {"outputs": []})).attempts == 2
