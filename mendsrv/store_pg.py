@@ -240,7 +240,7 @@ class PostgresStore:
     async def _open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, command_timeout=60,
+                self.url, min_size=1, max_size=self.pool_size, command_timeout=60, timeout=5,
             )
         except _DOWN as exc:
             raise Unavailable(f"cannot connect to the PostgreSQL job store: {exc}") from None
@@ -340,7 +340,7 @@ class PostgresStore:
 
     async def _listen(self) -> None:
         """(Re)open the LISTEN connection; after a reconnect, replay what was missed."""
-        conn = await asyncpg.connect(self.url)
+        conn = await asyncpg.connect(self.url, timeout=5)
         await conn.add_listener(CHANNEL, self._on_notification)
         old, self._listen_conn = self._listen_conn, conn
         if old is not None:
@@ -418,18 +418,20 @@ class PostgresStore:
 
     async def _beat(self) -> None:
         async with self._acquire() as conn:
-            inserted = await conn.fetchval(
+            gap = await conn.fetchval(
                 _q(
+                    "WITH prev AS (SELECT heartbeat_at FROM nodes WHERE id = ?) "
                     f"INSERT INTO nodes (id, started_at, heartbeat_at, local_storage) VALUES (?, ?, {_DB_NOW}, ?) "
-                    f"ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at RETURNING (xmax = 0)"
+                    "ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at "
+                    "RETURNING nodes.heartbeat_at - (SELECT heartbeat_at FROM prev)"
                 ),
-                self.node, now(), self.local_storage,
+                self.node, self.node, now(), self.local_storage,
             )
-        if inserted:
-            log.error(
-                "this node had been declared dead by the others (no heartbeat for store.node_timeout_s); "
-                "jobs it was running were requeued and may run again elsewhere",
-                extra={"node": self.node},
+        if gap is None or gap > self.node_timeout_s:
+            log.warning(
+                "this node was silent longer than store.node_timeout_s; other nodes may have taken it for dead "
+                "and re-run jobs it was running (its own late results for those are refused)",
+                extra={"node": self.node, "silent_s": None if gap is None else round(gap, 1)},
             )
 
     async def live_nodes(self) -> list[str]:
