@@ -175,7 +175,7 @@ async def test_store_pg_jobs_of_a_silent_node_are_requeued_by_the_others(open_no
         task.cancel()
     started = time.monotonic()
     await until(lambda: any(e.job_id == job.id and e.data["status"] == "pending" and e.data["attempts"] == 1
-                            for e in heard), timeout=10)
+                            for e in heard) and any(e.job_id == other.id and e.terminal for e in heard), timeout=10)
     took = time.monotonic() - started
     assert took < 1.0 + 1.0 + 1.0  # timeout + survivor's start-up grace + a heartbeat or two
     requeued = await survivor.get_job(job.id)
