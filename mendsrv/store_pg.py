@@ -780,17 +780,19 @@ class PostgresStore:
 
     async def due_deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
         """Claim due deliveries for this node: locked rows are skipped, and each row is
-        leased (``store.delivery_lease_s``) so no other node sends it until this node
-        records the attempt or the lease runs out."""
+        leased (``delivery_lease_s``) so no other node sends it until this node records
+        the attempt or the lease runs out. Within this node, as on SQLite, a due delivery
+        comes back until its attempt is recorded (the sender skips those in flight)."""
         rows = await self._fetch(
             "WITH due AS (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ? "
-            f"AND locked_until < {_DB_NOW} ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED), "
+            f"AND (locked_until < {_DB_NOW} OR locked_by = ?) ORDER BY next_attempt_at LIMIT ? "
+            "FOR UPDATE SKIP LOCKED), "
             f"leased AS (UPDATE deliveries d SET locked_by = ?, locked_until = {_DB_NOW} + ? FROM due "
             "WHERE d.id = due.id RETURNING d.id, d.job_id, d.event, d.url, d.style, d.attempts, d.event_id, "
             "d.next_attempt_at) "
             "SELECT l.id, l.job_id, l.event, l.url, l.style, l.attempts, e.data FROM leased l "
             "JOIN job_events e ON e.id = l.event_id ORDER BY l.next_attempt_at, l.id",
-            (now(), limit, self.node, self.delivery_lease_s),
+            (now(), self.node, limit, self.node, self.delivery_lease_s),
         )
         return [
             {"id": r[0], "job_id": r[1], "event": r[2], "url": r[3], "style": r[4], "attempts": r[5],

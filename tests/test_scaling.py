@@ -14,7 +14,9 @@ import asyncpg
 import orjson
 import pytest
 
-from .conftest import AUTH, ServerProcess, job_body
+from mendsrv.app import create_app
+
+from .conftest import AUTH, ServerProcess, job_body, make_config
 
 HEARTBEAT_S = 0.5
 NODE_TIMEOUT_S = 3.0
@@ -221,3 +223,49 @@ async def test_scaling_local_storage_refused_with_a_second_node(
     assert 'storage.backend = "local" cannot be used when several nodes share one PostgreSQL store' in str(info.value)
     assert "storage.shared = true" in str(info.value)
 
+
+
+async def read_sse(http: Any, url: str, headers: dict[str, str]) -> list[tuple[int, str, dict[str, Any]]]:
+    """Read a Server-Sent Events stream to its end: [(id, event, data)]."""
+    events: list[tuple[int, str, dict[str, Any]]] = []
+    async with http.get(url, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        fields: dict[str, str] = {}
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\n")
+            if line == "":
+                if "data" in fields:
+                    events.append((int(fields["id"]), fields.get("event", "message"), orjson.loads(fields["data"])))
+                fields = {}
+            elif not line.startswith(":"):
+                name, _, value = line.partition(":")
+                fields[name] = value.removeprefix(" ")
+    return events
+
+
+async def test_scaling_sse_on_one_node_sees_every_event_of_a_job_another_node_runs(
+    server_process: Any, tmp_path: Path, pg_url: str, s3_config: dict[str, Any], s3_client: Any, bucket: str, http: Any
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="in.jpg", Body=jpeg_bytes(1600, 1600))
+    routes = {r.resource.canonical for r in create_app(make_config(tmp_path)).router.routes() if r.resource}
+    if "/api/v1/jobs/{job_id}/stream" not in routes:
+        pytest.skip("GET /api/v1/jobs/{id}/stream is not on this branch yet; tests/test_store_pg.py covers "
+                    "cross-node events at the store level")
+    nodes = start_nodes(server_process, tmp_path, 2, pg_url, s3_config)
+    streams: dict[str, asyncio.Task[Any]] = {}
+    for i in range(8):  # more work than the nodes do at once: most streams start before their job runs
+        job_id = await submit(http, nodes[0], job_body(dest_key=f"out/{i}.jpg", bucket=bucket, width=1200))
+        url = f"{nodes[0].url}/api/v1/jobs/{job_id}/stream"
+        streams[job_id] = asyncio.ensure_future(read_sse(http, url, {**AUTH, "Last-Event-ID": "0"}))
+    received = dict(zip(streams, await asyncio.wait_for(asyncio.gather(*streams.values()), 120), strict=True))
+    db = await asyncpg.connect(pg_url)
+    try:
+        ran_on = {r[0]: r[1] for r in await db.fetch("SELECT id, node FROM jobs")}
+        assert "node1" in ran_on.values(), "node1 ran none of the jobs"
+        for job_id, events in received.items():
+            rows = await db.fetch("SELECT id, kind FROM job_events WHERE job_id = $1 ORDER BY id", job_id)
+            assert [(e[0], e[1]) for e in events] == [(r[0], r[1]) for r in rows], ran_on[job_id]
+            assert events[-1][1] == "status" and events[-1][2]["status"] == "completed"
+            assert [e[2]["status"] for e in events if e[1] == "status"] == ["pending", "processing", "completed"]
+    finally:
+        await db.close()
