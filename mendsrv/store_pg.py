@@ -815,12 +815,13 @@ class PostgresStore:
         delivered: bool,
         next_retry_at: float | None,
     ) -> None:
-        """Store one delivery attempt and release the lease; next_retry_at None and not delivered = given up."""
+        """Store one delivery attempt and release the lease (``locked_by`` keeps the node
+        that sent it last); next_retry_at None and not delivered = given up."""
 
         async def tx(conn: asyncpg.Connection) -> tuple[None, list[Event]]:
             row = await conn.fetchrow(
                 "UPDATE deliveries SET attempts = attempts + 1, state = $1, next_attempt_at = $2, "
-                "locked_by = NULL, locked_until = 0 WHERE id = $3 AND state = 'pending' RETURNING job_id, attempts",
+                "locked_until = 0 WHERE id = $3 AND state = 'pending' RETURNING job_id, attempts",
                 "delivered" if delivered else ("pending" if next_retry_at else "failed"),
                 next_retry_at or now(), delivery_id,
             )

@@ -5,6 +5,7 @@ cancel received by one node stops the job another node is running."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from mendsrv.app import create_app
 
-from .conftest import AUTH, ServerProcess, job_body, make_config
+from .conftest import AUTH, ServerProcess, free_port, job_body, make_config
 
 HEARTBEAT_S = 0.5
 NODE_TIMEOUT_S = 3.0
@@ -269,3 +270,46 @@ async def test_scaling_sse_on_one_node_sees_every_event_of_a_job_another_node_ru
             assert [e[2]["status"] for e in events if e[1] == "status"] == ["pending", "processing", "completed"]
     finally:
         await db.close()
+
+
+async def test_scaling_each_webhook_is_delivered_once_by_several_nodes(
+    server_process: Any, tmp_path: Path, pg_url: str, s3_config: dict[str, Any], s3_client: Any, bucket: str, http: Any
+) -> None:
+    if importlib.util.find_spec("mendsrv.webhooks") is None:
+        pytest.skip("the webhook sender is not on this branch yet; tests/test_store_pg.py covers exactly-once "
+                    "at the delivery-claim level")
+    from aiohttp import web
+
+    received: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((await request.json())["job"]["job_id"])
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        s3_client.put_object(Bucket=bucket, Key="in.jpg", Body=jpeg_bytes(64, 64))
+        nodes = start_nodes(server_process, tmp_path, 3, pg_url, s3_config)
+        ids = [await submit(http, nodes[i % 3], job_body(dest_key=f"out/{i}.jpg", bucket=bucket, width=32,
+                                                         webhook_url=f"http://127.0.0.1:{port}/hook"))
+               for i in range(60)]
+        db = await asyncpg.connect(pg_url)
+        try:
+            await wait_all_done(db, len(ids), timeout=90)
+            deadline = time.monotonic() + 60
+            while await db.fetchval("SELECT count(*) FROM deliveries WHERE state = 'delivered'") < len(ids):
+                assert time.monotonic() < deadline, "not every webhook was delivered"
+                await asyncio.sleep(0.2)
+            senders = {r[0] for r in await db.fetch("SELECT DISTINCT locked_by FROM deliveries")}
+        finally:
+            await db.close()
+        await asyncio.sleep(1.0)  # a duplicate would arrive about now
+        assert sorted(received) == sorted(ids)  # each job's webhook once, no more
+        assert len(senders) > 1  # and the nodes shared the sending
+    finally:
+        await runner.cleanup()
