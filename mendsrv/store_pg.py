@@ -21,6 +21,7 @@ on an asyncpg connection pool. What differs is what sharing needs:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -46,6 +47,8 @@ Listener = Callable[[Event], None]
 CHANNEL = "mend_events"
 _DB_NOW = "extract(epoch from clock_timestamp())::float8"
 _TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+_REPLAY_MARGIN = 1000  # event ids re-read before the last one seen after a LISTEN reconnect
+_RELAYED_WINDOW = 50000  # event ids remembered as relayed
 
 MIGRATIONS: list[str] = [
     # 1: jobs, their events, webhook deliveries and their attempts, nodes
@@ -205,6 +208,10 @@ class PostgresStore:
         self._incoming: list[int] = []
         self._incoming_ready = asyncio.Event()
         self._last_seen = 0  # highest event id of another node handed to listeners
+        # ids already relayed: transactions commit out of id order, so a lower id can
+        # arrive after a higher one; this window keeps each event relayed once
+        self._relayed: set[int] = set()
+        self._relayed_order: collections.deque[int] = collections.deque()
         self._tasks: list[asyncio.Task[None]] = []
         self._healthy_since: float | None = None
         self._registered = False
@@ -346,10 +353,12 @@ class PostgresStore:
         if old is not None:
             with contextlib.suppress(Exception):
                 old.terminate()
+            # from a little before the last id seen: transactions in flight then commit later
             missed = await self._fetch(
                 "SELECT id FROM job_events WHERE id > ? AND origin <> ? ORDER BY id LIMIT 100000",
-                (self._last_seen, self._origin),
+                (max(0, self._last_seen - _REPLAY_MARGIN), self._origin),
             )
+            missed = [r for r in missed if r[0] not in self._relayed]
             if missed:
                 log.warning("replaying events missed while the LISTEN connection was down",
                             extra={"events": len(missed)})
@@ -371,7 +380,7 @@ class PostgresStore:
         while True:
             await self._incoming_ready.wait()
             self._incoming_ready.clear()
-            ids = sorted({i for i in self._incoming if i > self._last_seen})
+            ids = sorted(set(self._incoming) - self._relayed)
             self._incoming.clear()
             if not ids:
                 continue
@@ -388,6 +397,11 @@ class PostgresStore:
             events = [_event(*r) for r in rows]
             if events:
                 self._last_seen = max(self._last_seen, events[-1].id)
+            for event in events:
+                self._relayed.add(event.id)
+                self._relayed_order.append(event.id)
+            while len(self._relayed_order) > _RELAYED_WINDOW:
+                self._relayed.discard(self._relayed_order.popleft())
             self._notify(events)
 
     # --- liveness ------------------------------------------------------------------

@@ -255,3 +255,30 @@ async def test_store_pg_node_taken_for_dead_cannot_finish_a_job_rerun_elsewhere(
         await a.complete(job.id, {"outputs": []})
     assert await a.set_progress(job.id, 50, "processing") is None
     assert (await b.complete(job.id, {"outputs": []})).attempts == 2
+
+
+async def test_store_pg_events_committed_out_of_id_order_are_all_relayed(open_node: Any, pg_url: str) -> None:
+    import asyncpg
+
+    a = await open_node("a")
+    heard: list[Event] = []
+    a.add_listener(heard.append)
+    first, second = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+    insert = (
+        "WITH e AS (INSERT INTO job_events (job_id, kind, data, at, origin) VALUES ($1, 'progress', $2, 0, 'other') "
+        "RETURNING id) SELECT id, pg_notify('mend_events', id::text || ' ' || $1 || ' other') FROM e"
+    )
+    try:
+        tx1, tx2 = first.transaction(), second.transaction()
+        await tx1.start()
+        await tx2.start()
+        low = (await first.fetchrow(insert, "job-1", '{"job_id": "job-1", "progress": 10, "phase": "x"}'))[0]
+        high = (await second.fetchrow(insert, "job-2", '{"job_id": "job-2", "progress": 20, "phase": "x"}'))[0]
+        assert low < high
+        await tx2.commit()  # the higher id commits first
+        await until(lambda: [e.id for e in heard] == [high])
+        await tx1.commit()
+        await until(lambda: sorted(e.id for e in heard) == [low, high])
+    finally:
+        await first.close()
+        await second.close()
