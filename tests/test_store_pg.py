@@ -282,3 +282,19 @@ async def test_store_pg_events_committed_out_of_id_order_are_all_relayed(open_no
     finally:
         await first.close()
         await second.close()
+
+
+async def test_store_pg_nodes_starting_together_migrate_once(pg_url: str) -> None:
+    stores = await asyncio.gather(*(PostgresStore.open(pg_url, node=f"n{i}") for i in range(3)))
+    try:
+        assert sorted(await stores[0].live_nodes()) == ["n0", "n1", "n2"]
+        assert (await stores[1]._fetch("SELECT count(*) FROM schema_version"))[0][0] == 1
+        assert [await s.integrity_check() for s in stores] == ["ok"] * 3
+    finally:
+        for store in stores:
+            await store.close()
+    reopened = await PostgresStore.open(pg_url, node="n0")
+    try:
+        assert await reopened.live_nodes() == ["n0"]  # closed nodes left the table
+    finally:
+        await reopened.close()
