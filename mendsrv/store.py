@@ -170,10 +170,11 @@ class Store:
             log.info("store migrated", extra={"schema_version": number})
 
     async def close(self) -> None:
-        for conn in (self._r, self._w):
-            if conn is not None:
-                await conn.close()
-        self._r = self._w = None
+        async with self._lock:  # a shielded transaction still in flight finishes first
+            for conn in (self._r, self._w):
+                if conn is not None:
+                    await conn.close()
+            self._r = self._w = None
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
