@@ -279,6 +279,7 @@ class PostgresStore:
                 log.info("store migrated", extra={"schema_version": number, "backend": "postgresql"})
 
     async def _register(self) -> None:
+        await self._refuse_live_twin()
         async with self._acquire() as conn:
             await conn.execute(
                 _q(
@@ -289,6 +290,22 @@ class PostgresStore:
                 self.node, now(), self.local_storage,
             )
         self._registered = True
+
+    async def _refuse_live_twin(self) -> None:
+        """A fresh row under our name is our previous incarnation (killed moments ago) or
+        another live node with the same ``server.node_id``: tell them apart by whether its
+        heartbeat still advances."""
+        sql = f"SELECT heartbeat_at, {_DB_NOW} - heartbeat_at FROM nodes WHERE id = ?"
+        rows = await self._fetch(sql, (self.node,))
+        if not rows or rows[0][1] >= self.node_timeout_s:
+            return
+        await asyncio.sleep(2.5 * self.heartbeat_s)
+        again = await self._fetch(sql, (self.node,))
+        if again and again[0][0] > rows[0][0]:
+            raise ConfigError(
+                f"server.node_id {self.node!r} is already used by a live node of this PostgreSQL store; "
+                "give every node its own server.node_id"
+            )
 
     async def _check_storage(self) -> None:
         """Refuse local, unshared storage when other live nodes share this store."""

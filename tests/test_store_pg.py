@@ -298,3 +298,20 @@ async def test_store_pg_nodes_starting_together_migrate_once(pg_url: str) -> Non
         assert await reopened.live_nodes() == ["n0"]  # closed nodes left the table
     finally:
         await reopened.close()
+
+
+async def test_store_pg_a_second_node_with_the_same_name_is_refused(open_node: Any) -> None:
+    await open_node("twin", heartbeat_s=0.2, node_timeout_s=2.0)
+    with pytest.raises(ConfigError, match="server.node_id 'twin' is already used by a live node"):
+        await open_node("twin", heartbeat_s=0.2, node_timeout_s=2.0)
+
+
+async def test_store_pg_restart_right_after_a_crash_keeps_the_name(open_node: Any) -> None:
+    crashed = await open_node("same", heartbeat_s=0.2, node_timeout_s=2.0)
+    job = await add(crashed)
+    await crashed.claim("cpu", "same")
+    for task in crashed._tasks:  # killed: no more heartbeats, its row stays
+        task.cancel()
+    restarted = await open_node("same", heartbeat_s=0.2, node_timeout_s=2.0)
+    assert await restarted.recover(max_attempts=3) == (1, 0)  # its own interrupted job, at once
+    assert (await restarted.get_job(job.id)).status is Status.PENDING
