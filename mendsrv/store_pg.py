@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -156,6 +157,14 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _job(row: Any) -> Job:
     return Job(
         seq=row[0], id=row[1], type=row[2], resource=row[3], status=Status(row[4]),
@@ -200,7 +209,7 @@ class PostgresStore:
         self.pool_size = pool_size
         self.delivery_lease_s = delivery_lease_s
         self.local_storage = local_storage
-        self.path = url  # for messages, as Store.path
+        self.path = _redact(url)  # for messages, as Store.path; never the password
         self._origin = uuid.uuid4().hex[:12]  # this store instance, to skip our own NOTIFYs
         self._pool: asyncpg.Pool | None = None
         self._listen_conn: asyncpg.Connection | None = None
@@ -256,7 +265,8 @@ class PostgresStore:
         await self._register()
         await self._check_storage()
         await self._listen()
-        self._healthy_since = time.monotonic()
+        # no grace at start: recover() at start-up takes the jobs of stale nodes anyway
+        self._healthy_since = time.monotonic() - self.node_timeout_s
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="store-heartbeat"),
             asyncio.create_task(self._relay_loop(), name="store-relay"),

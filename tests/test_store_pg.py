@@ -178,7 +178,7 @@ async def test_store_pg_jobs_of_a_silent_node_are_requeued_by_the_others(open_no
     await until(lambda: any(e.job_id == job.id and e.data["status"] == "pending" and e.data["attempts"] == 1
                             for e in heard) and any(e.job_id == other.id and e.terminal for e in heard), timeout=10)
     took = time.monotonic() - started
-    assert took < 1.0 + 1.0 + 1.0  # timeout + survivor's start-up grace + a heartbeat or two
+    assert took < 1.0 + 1.0  # the timeout + a heartbeat or two (and a loaded machine)
     requeued = await survivor.get_job(job.id)
     assert requeued.status is Status.PENDING and requeued.attempts == 1 and requeued.node is None
     failed = await survivor.get_job(other.id)
