@@ -28,6 +28,7 @@ from typing import Any
 
 from .config import Config
 from .errors import JobFailed, SourceNotFound, StorageError
+from .logs import REQUEST_ID
 from .models import Event, Job, Status
 from .ops.base import Limits, Operation, Resource, RunContext
 from .retry import RetryPolicy
@@ -154,6 +155,10 @@ class Dispatcher:
     def running(self) -> int:
         return len(self._running)
 
+    def runs(self, job_id: str) -> bool:
+        """Is this job running on this node now?"""
+        return job_id in self._running
+
     def healthy(self) -> bool:
         return not self._stopping and all(not lane.done() for lane in self._lanes)
 
@@ -214,6 +219,7 @@ class Dispatcher:
         op = self.registry.get(job.type)
         started = time.monotonic()
         extra = {"job_id": job.id, "type": job.type, "request_id": job.request_id, "attempt": job.attempts}
+        REQUEST_ID.set(job.request_id)  # this task's own context: its log lines carry the job's id
         log.info("job processing", extra=extra | {"status": "processing"})
         workdir = tempfile.mkdtemp(prefix=f"mend-{job.id[:8]}-", dir=self.temp_root)
         try:
