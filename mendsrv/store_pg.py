@@ -714,7 +714,11 @@ class PostgresStore:
         return rows[0][0] if rows and rows[0][0] is not None else None
 
     async def set_progress(self, job_id: str, progress: float, phase: str) -> Event | None:
-        """Record progress of a processing job (no status change)."""
+        """Record progress of a processing job (no status change).
+
+        Best effort while the database is unreachable: the step is dropped (None), the
+        job goes on, and its outcome waits for the database instead.
+        """
 
         async def tx(conn: asyncpg.Connection) -> tuple[Event | None, list[Event]]:
             found = await conn.fetchval(
@@ -727,7 +731,11 @@ class PostgresStore:
             event = await self._add_event(conn, job_id, "progress", data)
             return event, [event]
 
-        return await self._write(tx, persist=True)
+        try:
+            return await self._write(tx)
+        except Unavailable:
+            log.debug("progress not recorded: job store unreachable", extra={"job_id": job_id})
+            return None
 
     async def complete(self, job_id: str, result: dict[str, Any]) -> Job:
         return await self._transition(

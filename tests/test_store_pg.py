@@ -229,7 +229,8 @@ async def test_store_pg_database_restart_jobs_finish_requests_get_503(open_node:
         # a client's request fails at once with 503 (a sentence, not a traceback)
         with pytest.raises(Unavailable, match="unreachable"):
             await a.cancel(pending.id)
-        # the worker's outcome waits for the database
+        # progress is dropped, the job goes on; the worker's outcome waits for the database
+        assert await a.set_progress(job.id, 50, "processing") is None
         finishing = asyncio.ensure_future(a.complete(job.id, {"outputs": []}))
         await asyncio.sleep(1.5)  # longer than node_timeout_s
         assert not finishing.done()
