@@ -392,6 +392,18 @@ class PostgresStore:
                 self._incoming.extend(r[0] for r in missed)
                 self._incoming_ready.set()
 
+    async def _listen_alive(self) -> bool:
+        """Is the LISTEN connection still there? (A silently dropped TCP connection would
+        otherwise look open while no notification arrives.)"""
+        conn = self._listen_conn
+        if conn is None or conn.is_closed():
+            return False
+        try:
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), max(1.0, self.heartbeat_s))
+        except Exception:
+            return False
+        return True
+
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         try:
             event_id, _job_id, origin = payload.split(" ", 2)
@@ -439,7 +451,7 @@ class PostgresStore:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 await self._beat()
-                if self._listen_conn is None or self._listen_conn.is_closed():
+                if not await self._listen_alive():
                     await self._listen()
                 if failing:
                     log.info("job store reachable again", extra={"node": self.node})
