@@ -392,18 +392,6 @@ class PostgresStore:
                 self._incoming.extend(r[0] for r in missed)
                 self._incoming_ready.set()
 
-    async def _listen_alive(self) -> bool:
-        """Is the LISTEN connection still there? (A silently dropped TCP connection would
-        otherwise look open while no notification arrives.)"""
-        conn = self._listen_conn
-        if conn is None or conn.is_closed():
-            return False
-        try:
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), max(1.0, self.heartbeat_s))
-        except Exception:
-            return False
-        return True
-
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         try:
             event_id, _job_id, origin = payload.split(" ", 2)
@@ -450,9 +438,11 @@ class PostgresStore:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
-                await self._beat()
-                if not await self._listen_alive():
+                try:
+                    await self._beat()
+                except Exception:  # the LISTEN connection is gone (or the database)
                     await self._listen()
+                    await self._beat()
                 if failing:
                     log.info("job store reachable again", extra={"node": self.node})
                     failing = False
@@ -470,8 +460,14 @@ class PostgresStore:
                 self._healthy_since = None
 
     async def _beat(self) -> None:
-        async with self._acquire() as conn:
-            gap = await conn.fetchval(
+        """Stamp this node's heartbeat. It runs on the LISTEN connection: it never waits
+        behind a busy pool, and it proves that connection alive (a silently dropped TCP
+        connection would otherwise look open while no notification arrives)."""
+        conn = self._listen_conn
+        if conn is None or conn.is_closed():
+            raise ConnectionError("the LISTEN connection is closed")
+        gap = await asyncio.wait_for(
+            conn.fetchval(
                 _q(
                     "WITH prev AS (SELECT heartbeat_at FROM nodes WHERE id = ?) "
                     f"INSERT INTO nodes (id, started_at, heartbeat_at, local_storage) VALUES (?, ?, {_DB_NOW}, ?) "
@@ -479,7 +475,9 @@ class PostgresStore:
                     "RETURNING nodes.heartbeat_at - (SELECT heartbeat_at FROM prev)"
                 ),
                 self.node, self.node, now(), self.local_storage,
-            )
+            ),
+            max(1.0, self.heartbeat_s),
+        )
         if gap is None or gap > self.node_timeout_s:
             log.warning(
                 "this node was silent longer than store.node_timeout_s; other nodes may have taken it for dead "
