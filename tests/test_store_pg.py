@@ -202,13 +202,16 @@ async def test_store_pg_recover_at_start_leaves_live_nodes_alone(open_node: Any)
     assert (await mine.get_job(lost.id)).status is Status.PENDING
 
 
-async def test_store_pg_local_storage_refused_with_several_nodes(open_node: Any) -> None:
-    await open_node("first", local_storage=False)
+async def test_store_pg_local_storage_refused_with_several_nodes(open_node: Any, pg_url: str) -> None:
+    first = await open_node("first", local_storage=False)
     with pytest.raises(ConfigError, match="storage.shared = true"):
         await open_node("second", local_storage=True)
-    # a node with local storage alone is fine; s3 nodes then cannot join it either
-    alone = await open_node("third")
-    assert "second" not in await alone.live_nodes()
+    assert await first.live_nodes() == ["first"]  # the refused node left no trace
+    await first.close()
+    # a node with local storage alone is fine, and then no other node can join it
+    await open_node("alone", local_storage=True)
+    with pytest.raises(ConfigError, match=r"live nodes: alone\)"):
+        await open_node("s3-node", local_storage=False)
 
 
 async def test_store_pg_node_timeout_must_exceed_heartbeats(pg_url: str) -> None:
