@@ -19,7 +19,7 @@ from .errors import BadRequest, MendError, NotFound, PayloadTooLarge, Unauthoriz
 from .keys import API_KEYS, CONFIG, DISPATCHER, REGISTRY, STORE
 from .logs import REQUEST_ID as REQUEST_ID_VAR
 from .metrics import METRICS
-from .models import Status
+from .models import Status, iso
 
 log = logging.getLogger("mendsrv.http")
 
@@ -285,8 +285,6 @@ async def retry_job(request: web.Request) -> web.Response:
 async def list_deliveries(request: web.Request) -> web.Response:
     job = await _job_or_404(request)
     attempts = await request.app[STORE].list_attempts(job.id)
-    from .models import iso
-
     return json_response(
         {"deliveries": [a | {"at": iso(a["at"]), "next_retry_at": iso(a["next_retry_at"])} for a in attempts]}
     )
