@@ -319,3 +319,14 @@ async def test_store_pg_restart_right_after_a_crash_keeps_the_name(open_node: An
     restarted = await open_node("same", heartbeat_s=0.2, node_timeout_s=2.0)
     assert await restarted.recover(max_attempts=3) == (1, 0)  # its own interrupted job, at once
     assert (await restarted.get_job(job.id)).status is Status.PENDING
+
+
+@pytest.mark.parametrize("store, message", [
+    ({"url": "mysql://db/mend"}, 'store.url must start with "postgresql://"'),
+    ({"url": "postgresql://db/mend", "heartbeat_s": 5, "node_timeout_s": 6}, "at least twice store.heartbeat_s"),
+])
+def test_store_pg_config_errors_name_the_key(store: dict[str, Any], message: str) -> None:
+    from mendsrv.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"store": store})
