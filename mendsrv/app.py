@@ -27,7 +27,7 @@ log = logging.getLogger("mendsrv.app")
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
-    app[STORE] = await open_store(cfg.store.url or cfg.store.path)
+    app[STORE] = await open_store(cfg.store.url or cfg.store.path, node=app[NODE], config=cfg)
     yield
     await app[STORE].close()
 
