@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
 from ..conftest import AUTH, job_body, wait_for_job, write_jpeg
@@ -170,3 +171,18 @@ async def test_hostile_compressed_body_bomb_is_413(client: Any, buckets: Path) -
     resp = await client.post(SUBMIT, data=bomb, headers=AUTH | JSON | {"Content-Encoding": "deflate"})
     assert resp.status in (400, 413), resp.status
     await _still_serving(client, buckets)
+
+
+async def test_hostile_malformed_requests_log_one_warning_line(server_process: Any) -> None:
+    """A flood of refused requests does not fill the log with error-level tracebacks."""
+    server = server_process().start()
+    for _ in range(3):
+        answer = await _raw(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+        assert b" 400 " in answer.split(b"\r\n", 1)[0]
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/api/v1/jobs", headers=AUTH) as resp:
+        assert resp.status == 200  # still serving
+    server.terminate()
+    lines = [orjson.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    refused = [line for line in lines if line["msg"] == "malformed request refused"]
+    assert len(refused) == 3 and all(line["level"] == "warning" and "exc" not in line for line in refused), refused
+    assert not [line for line in lines if line["level"] == "error"]
