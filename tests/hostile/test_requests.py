@@ -186,3 +186,26 @@ async def test_hostile_malformed_requests_log_one_warning_line(server_process: A
     refused = [line for line in lines if line["msg"] == "malformed request refused"]
     assert len(refused) == 3 and all(line["level"] == "warning" and "exc" not in line for line in refused), refused
     assert not [line for line in lines if line["level"] == "error"]
+
+
+async def test_hostile_smuggling_and_idempotency_headers(client: Any, buckets: Path) -> None:
+    port = client.server.port
+    body = b'{"a": 1}'
+    both = (
+        b"POST /api/v1/jobs/image/resize HTTP/1.1\r\nHost: x\r\nX-API-Key: test-key\r\n"
+        b"Content-Length: 8\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n" + body + b"\r\n0\r\n\r\n"
+    )
+    answer = await _raw(port, both)
+    assert int(answer.split(b" ", 2)[1]) == 400, answer[:200]
+    twice = (
+        b"POST /api/v1/jobs/image/resize HTTP/1.1\r\nHost: x\r\nX-API-Key: test-key\r\n"
+        b"Content-Length: 8\r\nContent-Length: 40\r\n\r\n" + body
+    )
+    answer = await _raw(port, twice)
+    assert int(answer.split(b" ", 2)[1]) == 400, answer[:200]
+    for key in ("k" * 256, ""):
+        resp = await client.post(SUBMIT, json=job_body(width=8), headers=AUTH | {"Idempotency-Key": key})
+        assert resp.status in (202, 400), (len(key), resp.status)
+        if key:
+            await _error(resp, 400)
+    await _still_serving(client, buckets)
