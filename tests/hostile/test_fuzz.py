@@ -4,8 +4,8 @@
   operation's parameter schema (the same models the OpenAPI document is generated
   from), valid and mutated (a required field dropped, an unknown field added, a value
   replaced by arbitrary JSON), plus arbitrary query strings on the job listing.
-- ``test_fuzz_openapi_schemathesis``: schemathesis against /swagger/openapi.json,
-  when the server publishes it.
+- ``test_fuzz_openapi_schemathesis``: schemathesis against the server's own
+  /swagger/openapi.json, positive and negative cases for every operation of it.
 
 Both assert: no 5xx, only documented status codes, and the documented body shapes.
 """
