@@ -6,6 +6,7 @@ endpoint recovers meanwhile, the job completes."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -132,3 +133,26 @@ async def test_s3_fault_slow_past_the_job_timeout(
     error = assert_failed_with_sentence(job, names="workers.job_timeout_s")
     assert "0.5 s" in error
     assert time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize("mode", ["down", "503", "slow"])
+async def test_s3_fault_health_reports_storage_then_recovers(
+    mode: str, fault_proxy: FaultProxy, proxied_s3_config: dict[str, Any], s3_bucket: str,
+    client_factory: Any, config_factory: Any,
+) -> None:
+    """GET /health names the storage while the endpoint is faulty, and is 200 again once it is not."""
+    client = await _client(client_factory, config_factory, proxied_s3_config)
+    assert (await client.get("/health")).status == 200
+    await fault_proxy.set_mode(mode, delay_s=20.0)
+    await asyncio.sleep(1.6)  # past the health cache
+    started = time.monotonic()
+    resp = await client.get("/health")
+    assert resp.status == 503
+    report = await resp.json()
+    assert report["checks"]["storage"]["status"] == "fail" and "storage" in report["error"], report
+    assert time.monotonic() - started < 10  # a hanging endpoint does not hang /health
+    await fault_proxy.set_mode("pass")
+    deadline = time.monotonic() + 15
+    while (resp := await client.get("/health")).status != 200:
+        assert time.monotonic() < deadline, await resp.text()
+        await asyncio.sleep(0.3)
