@@ -1,0 +1,76 @@
+"""The dispatcher and worker pool: crashes, timeouts, FIFO."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from .conftest import AUTH, job_body, wait_for_job, write_jpeg
+
+
+async def _submit(client: Any, **params: Any) -> str:
+    resp = await client.post("/api/v1/jobs/image/resize", json=job_body(**params), headers=AUTH)
+    assert resp.status == 202, await resp.text()
+    return (await resp.json())["job_id"]
+
+
+async def _worker_pid(tmp: Path, timeout: float = 20) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid_file in tmp.glob("mend-*/out/.worker-pid"):
+            try:
+                return int(pid_file.read_text())
+            except (OSError, ValueError):
+                pass
+        await asyncio.sleep(0.005)
+    raise AssertionError("no job reached a worker process")
+
+
+async def test_pool_worker_death_costs_only_its_job(config_factory: Any, client_factory: Any, buckets: Path, tmp_path: Path) -> None:
+    client = await client_factory(config_factory(workers={"processes": 2, "retry_base_s": 0}))
+    write_jpeg(buckets / "media" / "big.jpg", 6000, 6000, Q=98)
+    write_jpeg(buckets / "media" / "small.jpg", 64, 64)
+    victim = await _submit(client, source_key="big.jpg", dest_key="victim.jpg", width=100)
+    pid = await _worker_pid(tmp_path / "tmp")
+    others = [await _submit(client, source_key="small.jpg", dest_key=f"o{i}.jpg", width=10) for i in range(6)]
+    os.kill(pid, signal.SIGKILL)
+    job = await wait_for_job(client, victim, timeout=60)
+    assert job["status"] == "completed" and job["attempts"] == 2, job
+    for job_id in others:
+        job = await wait_for_job(client, job_id, timeout=60)
+        assert job["status"] == "completed" and job["attempts"] == 1, job
+
+
+async def test_pool_worker_death_past_max_attempts_fails_with_sentence(config_factory: Any, client_factory: Any, buckets: Path, tmp_path: Path) -> None:
+    client = await client_factory(config_factory(workers={"processes": 1, "max_attempts": 1}))
+    write_jpeg(buckets / "media" / "big.jpg", 6000, 6000, Q=98)
+    victim = await _submit(client, source_key="big.jpg", dest_key="victim.jpg", width=100)
+    os.kill(await _worker_pid(tmp_path / "tmp"), signal.SIGKILL)
+    job = await wait_for_job(client, victim, timeout=60)
+    assert job["status"] == "failed"
+    assert "worker process died" in job["error"]
+    # the pool was rebuilt: the next job runs
+    write_jpeg(buckets / "media" / "small.jpg", 64, 64)
+    job = await wait_for_job(client, await _submit(client, source_key="small.jpg", width=8), timeout=60)
+    assert job["status"] == "completed"
+
+
+async def test_pool_job_timeout_names_the_limit(config_factory: Any, client_factory: Any, buckets: Path) -> None:
+    client = await client_factory(config_factory(workers={"processes": 1, "job_timeout_s": 0.2}))
+    write_jpeg(buckets / "media" / "big.jpg", 8000, 8000, Q=98)
+    job = await wait_for_job(client, await _submit(client, source_key="big.jpg", width=7000, format="png"), timeout=60)
+    assert job["status"] == "failed"
+    assert job["error"] == "the job ran longer than 0.2 s and was stopped (workers.job_timeout_s)"
+
+
+async def test_pool_runs_jobs_in_fifo_order(config_factory: Any, client_factory: Any, buckets: Path) -> None:
+    client = await client_factory(config_factory(workers={"processes": 1}))
+    write_jpeg(buckets / "media" / "in.jpg", 256, 256)
+    ids = [await _submit(client, dest_key=f"{i}.jpg", width=16) for i in range(10)]
+    jobs = [await wait_for_job(client, job_id) for job_id in ids]
+    started = [j["started_at"] for j in jobs]
+    assert started == sorted(started)
