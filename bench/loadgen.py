@@ -45,6 +45,7 @@ class Conn(asyncio.Protocol):
             status = int(head[9:12])
             self.buf = self.buf[end + 4 + length :]
             now = time.monotonic()
+            self.state["answered"] += 1
             if self.state["measure_from"] <= now < self.state["measure_to"]:
                 self.stats[status] += 1
             if now >= self.state["measure_to"]:
@@ -64,7 +65,7 @@ async def run(port: int, path: str, body: bytes, headers: dict[str, str], connec
     loop = asyncio.get_running_loop()
     stats: Counter[int] = Counter()
     start = time.monotonic()
-    state = {"measure_from": start + warmup, "measure_to": start + warmup + duration}
+    state = {"measure_from": start + warmup, "measure_to": start + warmup + duration, "answered": 0}
     waits = []
     for _ in range(connections):
         done: asyncio.Future[None] = loop.create_future()
@@ -72,7 +73,8 @@ async def run(port: int, path: str, body: bytes, headers: dict[str, str], connec
         waits.append(done)
     await asyncio.wait_for(asyncio.gather(*waits), timeout=warmup + duration + 60)
     ok = sum(n for s, n in stats.items() if 200 <= s < 300)
-    return {"statuses": {str(k): v for k, v in stats.items()}, "ok": ok, "rate": ok / duration, "duration_s": duration}
+    return {"statuses": {str(k): v for k, v in stats.items()}, "ok": ok, "rate": ok / duration, "duration_s": duration,
+            "answered": state["answered"]}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from .harness import (
     Row,
     Server,
     StalledEndpoint,
+    cpu_seconds,
     loadgen,
     raw_server,
     rss_mb,
@@ -28,24 +29,37 @@ CONNECTIONS = 64
 
 
 async def run(ctx: Context) -> list[Row]:
-    duration = 3.0 if ctx.quick else 8.0
+    duration = 3.0 if ctx.quick else 5.0
+    rounds = 1 if ctx.quick else 2
+    ours: list[dict] = []
+    base: list[dict] = []
     stall = StalledEndpoint()
     try:
         server = Server(ctx.work / "submit", {
             "storage": s3_section(stall.url) | {"read_timeout_s": 600.0, "connect_timeout_s": 60.0},
             "workers": {"processes": 1},
         })
-        with server:
-            ours = await loadgen(server.port, PATH, BODY, CONNECTIONS, duration, 1.0, {"X-API-Key": API_KEY})
+        with server, raw_server(ctx.work / "submit-raw") as raw:
+            for _ in range(rounds):  # alternate: the machine is shared, its load drifts
+                for proc, results, headers in ((server, ours, {"X-API-Key": API_KEY}), (raw, base, {})):
+                    cpu = cpu_seconds(proc.pid)
+                    result = await loadgen(proc.port, PATH, BODY, CONNECTIONS, duration, 1.0, headers)
+                    result["cpu_us_per_request"] = (cpu_seconds(proc.pid) - cpu) / result["answered"] * 1e6
+                    results.append(result)
             rss_after = rss_mb(server.pid)
     finally:
         stall.close()
-    with raw_server(ctx.work / "submit-raw") as raw:
-        base = await loadgen(raw.port, PATH, BODY, CONNECTIONS, duration, 1.0)
-    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(ours["statuses"].items()))
+    best, best_raw = max(ours, key=lambda r: r["rate"]), max(base, key=lambda r: r["rate"])
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(best["statuses"].items()))
+    cpu, cpu_raw = min(r["cpu_us_per_request"] for r in ours), min(r["cpu_us_per_request"] for r in base)
     return [Row(
-        "submit rate (accepted POST/s, 64 conns)", "jobs/s", ours["rate"], base["rate"], ">= 2000",
-        note=f"{duration:g} s after 1 s warm-up; mendsrv answers {statuses}; server RSS after {rss_after:.0f} MB; "
+        "submit rate (accepted POST/s, 64 conns)", "jobs/s", best["rate"], best_raw["rate"], ">= 2000",
+        note=f"best of {rounds} alternating rounds of {duration:g} s after 1 s warm-up "
+        f"(mendsrv {[round(r['rate']) for r in ours]}, raw {[round(r['rate']) for r in base]}); "
+        f"mendsrv answers {statuses}; server RSS after {rss_after:.0f} MB; "
         "raw = aiohttp + aiosqlite, one committed INSERT per request",
         extra={"mendsrv": ours, "raw": base},
+    ), Row(
+        "submit CPU per accepted request (server process)", "µs", cpu, cpu_raw, "",
+        note="user+system CPU of the server process / requests answered: robust to a shared machine's load",
     )]
