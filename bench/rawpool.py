@@ -5,9 +5,13 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
+VIPS_CONCURRENCY = 1  # as mendsrv's workers.vips_concurrency default: the same libvips set-up on both sides
+
 
 def _init() -> None:
-    import pyvips  # noqa: F401  (load libvips once per worker, as mendsrv's workers do)
+    import pyvips
+
+    pyvips.concurrency_set(VIPS_CONCURRENCY)
 
 
 def thumbnail(src: str, dst: str, width: int, height: int) -> int:

@@ -42,11 +42,20 @@ _PID_FILE = ".worker-pid"
 # --- worker process side -----------------------------------------------------------------
 
 
-def _worker_init() -> None:
+def _worker_init(vips_concurrency: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     from .ops.image import block_untrusted
 
     block_untrusted()
+    import pyvips
+
+    # One libvips thread per worker by default: the pool has one process per CPU, and a
+    # thread pool per pipeline costs milliseconds on small images (bench/RESULTS.md).
+    if vips_concurrency:
+        pyvips.concurrency_set(vips_concurrency)
+    # No operation cache: every job reads a new temp file, and a cached image would keep
+    # the deleted source open (its disk space in use) until evicted.
+    pyvips.cache_set_max(0)
 
 
 def _worker_run(op_name: str, src: str, dst: str, params: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
@@ -121,6 +130,7 @@ class Dispatcher:
             max_workers=self.processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
+            initargs=(self.cfg.workers.vips_concurrency,),
         )
 
     async def stop(self, timeout: float) -> None:

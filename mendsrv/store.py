@@ -490,11 +490,11 @@ class Store:
         """Record progress of a processing job (no status change)."""
 
         async def tx(conn: aiosqlite.Connection) -> tuple[Event | None, list[Event]]:
-            async with conn.execute(
-                "UPDATE jobs SET progress = ? WHERE id = ? AND status = 'processing'", (progress, job_id)
-            ) as cur:
-                if cur.rowcount == 0:
-                    return None, []
+            row = await self._one(  # one hop (see _one)
+                conn, "UPDATE jobs SET progress = ? WHERE id = ? AND status = 'processing' RETURNING id", (progress, job_id)
+            )
+            if row is None:
+                return None, []
             data = {"job_id": job_id, "progress": int(round(progress)), "phase": phase}
             event = await self._add_event(conn, job_id, "progress", data)
             return event, [event]
