@@ -1,7 +1,7 @@
 """The app factory: ``create_app(config) -> web.Application``.
 
 Resources are opened and closed in ``cleanup_ctx`` generators, in order: store,
-storage, dispatcher. No module-level singletons.
+storage, dispatcher, event hub, webhook sender. No module-level singletons.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from aiohttp import web
 
 from . import http
 from .config import Config
-from .keys import API_KEYS, CONFIG, DISPATCHER, NODE, REGISTRY, STORAGE, STORE
+from .events import EventHub
+from .keys import API_KEYS, CONFIG, DISPATCHER, EVENT_HUB, NODE, REGISTRY, STORAGE, STORE, WEBHOOKS
 from .ops import REGISTRY as ALL_OPERATIONS
 from .pool import Dispatcher, default_node_id
 from .storage import open_storage
 from .store import open_store
+from .webhooks import WebhookSender
 
 log = logging.getLogger("mendsrv.app")
 
@@ -44,6 +46,27 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     await dispatcher.stop(cfg.server.shutdown_timeout_s)
 
 
+async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
+    hub = app[EVENT_HUB]
+    app[STORE].add_listener(hub.publish)
+    yield
+    app[STORE].remove_listener(hub.publish)
+    hub.close()
+
+
+async def _end_streams(app: web.Application) -> None:
+    """On shutdown, end the event streams before aiohttp waits for open requests."""
+    app[EVENT_HUB].close()
+
+
+async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    sender = WebhookSender(app[CONFIG].webhooks, app[STORE])
+    await sender.start()
+    app[WEBHOOKS] = sender
+    yield
+    await sender.stop()
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
@@ -53,6 +76,9 @@ def create_app(config: Config) -> web.Application:
     app[API_KEYS] = [k.encode() for k in config.auth.api_keys]
     app[REGISTRY] = ALL_OPERATIONS
     app[NODE] = config.server.node_id or default_node_id()
+    app[EVENT_HUB] = EventHub(config.server.sse_queue_size)
     app.cleanup_ctx.extend([_store_ctx, _storage_ctx, _dispatcher_ctx])
+    app.cleanup_ctx.extend([_events_ctx, _webhooks_ctx])
+    app.on_shutdown.append(_end_streams)
     http.setup_routes(app)
     return app

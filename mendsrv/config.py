@@ -29,6 +29,13 @@ class ServerConfig(_Section):
     )
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR")
     node_id: str = Field("", description="Name of this node in logs and the job store; empty = host name and pid")
+    sse_keepalive_s: float = Field(15.0, gt=0, description="Seconds between keep-alive comments on an idle event stream")
+    sse_queue_size: int = Field(
+        256, ge=1, le=100_000, description="Events buffered per stream subscriber; one that falls further behind is dropped"
+    )
+    sse_write_timeout_s: float = Field(
+        30.0, gt=0, description="An event stream whose client reads nothing for this long is closed"
+    )
 
 
 class AuthConfig(_Section):

@@ -304,3 +304,6 @@ def setup_routes(app: web.Application) -> None:
     # after the job routes: /jobs/<id>/cancel must not read as family/operation
     app.router.add_post(API + "/jobs/{family}/{operation}", submit)
     app.router.add_get(API + "/jobs/{job_id}/deliveries", list_deliveries)
+    from .sse import stream_job  # sse builds on this module
+
+    app.router.add_get(API + "/jobs/{job_id}/stream", stream_job)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from .config import Config
+from .events import EventHub
 from .ops.base import Operation
 from .pool import Dispatcher
 from .storage import Storage
 from .store import Store
+from .webhooks import WebhookSender
 
 CONFIG = web.AppKey("config", Config)
 API_KEYS = web.AppKey("api_keys", list[bytes])
@@ -17,3 +19,5 @@ STORE = web.AppKey("store", Store)
 STORAGE = web.AppKey("storage", Storage)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 NODE = web.AppKey("node", str)
+EVENT_HUB = web.AppKey("event_hub", EventHub)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)

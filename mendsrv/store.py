@@ -176,10 +176,11 @@ class Store:
     async def close(self) -> None:
         if self._flusher is not None:
             await self._flusher  # write what was accepted before closing
-        for conn in (self._r, self._w):
-            if conn is not None:
-                await conn.close()
-        self._r = self._w = None
+        async with self._lock:  # a shielded transaction still in flight finishes first
+            for conn in (self._r, self._w):
+                if conn is not None:
+                    await conn.close()
+            self._r = self._w = None
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)

@@ -30,9 +30,9 @@ def build_registry(operations: Iterable[Operation]) -> dict[str, Operation]:
 
 
 def _all_operations() -> list[Operation]:
-    from . import image
+    from . import audio, image, video
 
-    return [*image.OPERATIONS]
+    return [*image.OPERATIONS, *video.OPERATIONS, *audio.OPERATIONS]
 
 
 REGISTRY: dict[str, Operation] = build_registry(_all_operations())
