@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .harness import Context, Row, machine_facts, table, write_json
+from .harness import Context, Row, machine_facts, markdown, table, write_json
 
 MEASUREMENTS = ["submit", "images", "small", "video", "sse", "memory"]
 OUT = Path(__file__).resolve().parent / "out"
@@ -51,6 +51,7 @@ async def main_async(args: argparse.Namespace) -> int:
     print(f"\n{facts['date_utc']} · {facts.get('cpu')} · nproc {facts['nproc']} · {elapsed:.0f} s")
     out = Path(args.out)
     write_json(out, facts, rows, elapsed)
+    out.with_suffix(".md").write_text(markdown(rows) + "".join(f"\n- {r.name}: {r.note}" for r in rows if r.note) + "\n")
     print(f"results: {out}")
     return 0
 

@@ -226,6 +226,15 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out + ([""] + notes if notes else []))
 
 
+def markdown(rows: list[Row]) -> str:
+    """The table as Markdown (bench/out/results.md), for bench/RESULTS.md."""
+    out = ["| measurement | unit | mendsrv | raw baseline | ratio | target | met? |", "|---|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        met = {True: "yes", False: "**no**", None: "—"}[r.met]
+        out.append(f"| {r.name} | {r.unit} | {_fmt(r.mendsrv)} | {_fmt(r.raw)} | {_fmt(r.ratio)} | {r.target or '—'} | {met} |")
+    return "\n".join(out) + "\n"
+
+
 def machine_facts() -> dict[str, Any]:
     facts: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
