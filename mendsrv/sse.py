@@ -93,16 +93,18 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         timeout = server.sse_write_timeout_s
 
-        async def write(data: bytes) -> None:
+        async def write(data: bytes, last: bool = False) -> None:
+            # last: the final event and the end of the chunked body leave in one send
+            put = response.write_eof if last else response.write
             try:
                 transport = request.transport
                 if transport is not None and transport.get_write_buffer_size() == 0 and len(data) < _DIRECT_WRITE:
                     # The common case: nothing queued, so the bytes go straight to the socket and
                     # the write cannot wait for the client. Skipping wait_for (a task and a timer per
                     # write) keeps a fan-out to 1,000 streams inside its budget (bench/RESULTS.md).
-                    await response.write(data)
+                    await put(data)
                     return
-                await asyncio.wait_for(response.write(data), timeout)
+                await asyncio.wait_for(put(data), timeout)
             except TimeoutError:
                 if request.transport is not None:
                     request.transport.abort()
@@ -123,7 +125,8 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                     return response  # the client already has the final event
             while True:
                 try:
-                    event = await asyncio.wait_for(sub.get(), server.sse_keepalive_s)
+                    async with asyncio.timeout(server.sse_keepalive_s):  # no extra task per wait, unlike wait_for
+                        event = await sub.get()
                 except TimeoutError:
                     await write(KEEP_ALIVE)
                     continue
@@ -131,9 +134,13 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                     break
                 if event.id <= sent:
                     continue
-                await write(encode(event))
+                await write(encode(event), last=event.terminal)
                 sent = event.id
                 if event.terminal:
+                    # Yield once before this stream's teardown (response end, request log) so that
+                    # every other stream of the job sends its final event first: with 1,000
+                    # subscribers the last receipt then waits for 1,000 sends, not 1,000 teardowns.
+                    await asyncio.sleep(0)
                     break
         except _ClientGone as exc:
             log.info("event stream closed", extra={"job_id": job_id, "reason": str(exc)})
