@@ -228,6 +228,50 @@ class Store:
         self._notify(events)
         return value
 
+    async def _write_sync(self, fn: Callable[[sqlite3.Connection], tuple[Any, list[Event]]]) -> Any:
+        """Like ``_write``, but ``fn`` is a plain function run whole on the writer thread.
+
+        BEGIN, its statements and COMMIT take one hop to aiosqlite's thread instead of one
+        hop each. Every hop costs a thread wake-up, a wake-up of the event loop and, under
+        load, a wait for the GIL: the per-job transitions (claim, progress, complete) took
+        milliseconds of CPU per job that way (bench/RESULTS.md). aiosqlite has no public
+        call for this, so it uses its ``_execute`` and ``_conn`` (both there since 0.17).
+        """
+        assert self._w is not None, "store is closed"
+        conn = self._w
+
+        def run() -> tuple[Any, list[Event]]:
+            db = conn._conn
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        async def go() -> Any:
+            async with self._lock:
+                value, events = await conn._execute(run)
+            self._notify(events)
+            return value
+
+        return await asyncio.shield(go())
+
+    @staticmethod
+    def _one_sync(db: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Any:
+        rows = db.execute(sql, args).fetchall()  # fetch all: a pending statement would block COMMIT
+        return rows[0] if rows else None
+
+    @staticmethod
+    def _add_event_sync(db: sqlite3.Connection, job_id: str, kind: str, data: dict[str, Any], terminal: bool = False) -> Event:
+        cur = db.execute(
+            "INSERT INTO job_events (job_id, kind, data, at) VALUES (?, ?, ?, ?)", (job_id, kind, orjson.dumps(data), now())
+        )
+        assert cur.lastrowid is not None
+        return Event(id=cur.lastrowid, job_id=job_id, kind=kind, data=data, terminal=terminal)
+
     @staticmethod
     async def _one(conn: aiosqlite.Connection, sql: str, args: tuple[Any, ...]) -> Any:
         # execute_fetchall: one hop to the writer thread (execute + fetchone + close took three,
@@ -261,24 +305,24 @@ class Store:
             f"WHERE id = ? AND status IN ({marks}) RETURNING {_JOB_COLUMNS}"
         )
 
-        async def tx(conn: aiosqlite.Connection) -> tuple[Job, list[Event]]:
-            row = await self._one(conn, sql, (to.value, *args, job_id, *(s.value for s in allowed)))
+        def tx(db: sqlite3.Connection) -> tuple[Job, list[Event]]:  # one hop: see _write_sync
+            row = self._one_sync(db, sql, (to.value, *args, job_id, *(s.value for s in allowed)))
             if row is None:
-                current = await self._one(conn, "SELECT status FROM jobs WHERE id = ?", (job_id,))
+                current = self._one_sync(db, "SELECT status FROM jobs WHERE id = ?", (job_id,))
                 if current is None:
                     raise NotFound(f"job {job_id} not found")
                 raise TransitionError(f"job {job_id} is {current[0]}; it cannot become {to.value}")
             job = _job(row)
-            events = [await self._add_event(conn, job.id, "status", job.resource_dict(), to in TERMINAL)]
+            events = [self._add_event_sync(db, job.id, "status", job.resource_dict(), to in TERMINAL)]
             if to in TERMINAL and job.webhook_url:
-                await conn.execute(
+                db.execute(
                     "INSERT INTO deliveries (job_id, event_id, event, url, style, next_attempt_at, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (job.id, events[0].id, f"job.{to.value}", job.webhook_url, job.webhook_style, now(), now()),
                 )
             return job, events
 
-        return await self._write(tx)
+        return await self._write_sync(tx)
 
     # --- jobs ----------------------------------------------------------------------
 
@@ -369,18 +413,8 @@ class Store:
                     future.set_result(outcome)
 
     async def _insert_batch(self, batch: list[tuple[tuple[Any, ...], int | None, asyncio.Future[Job]]]) -> list[Job | Exception]:
-        """One transaction for the batch, run whole on the writer thread: one hop.
-
-        Each hop to aiosqlite's thread waits for the GIL and a turn of the event loop; under
-        load that is milliseconds, and a transaction of five hops held the writer lock for
-        50 ms and more. aiosqlite has no public call for "run this function on your
-        thread", so this uses its ``_execute`` (stable since 0.17) and ``_conn``.
-        """
-        assert self._w is not None, "store is closed"
-        conn = self._w
-        async with self._lock:
-            outcomes, events = await asyncio.shield(conn._execute(self._insert_batch_sync, conn._conn, batch))
-        self._notify(events)
+        """One transaction for the batch, in one hop to the writer thread (see _write_sync)."""
+        outcomes: list[Job | Exception] = await self._write_sync(lambda db: self._insert_batch_sync(db, batch))
         return outcomes
 
     @staticmethod
@@ -388,42 +422,36 @@ class Store:
         db: sqlite3.Connection, batch: list[tuple[tuple[Any, ...], int | None, asyncio.Future[Job]]]
     ) -> tuple[list[Job | Exception], list[Event]]:
         outcomes: list[Job | Exception | None] = [None] * len(batch)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            pending = None
-            accepted: list[tuple[Any, ...]] = []
-            for index, (values, max_queue, _) in enumerate(batch):
-                if max_queue is not None:
-                    if pending is None:  # one count per batch, not per job
-                        pending = db.execute("SELECT count(*) FROM jobs WHERE status = 'pending'").fetchone()[0]
-                    if pending >= max_queue:
-                        outcomes[index] = QueueFull(f"the queue is full ({max_queue} pending jobs); retry later")
-                        continue
-                    pending += 1
-                accepted.append(values)
-            jobs: dict[str, Job] = {}
-            events: list[Event] = []
-            if accepted:
-                marks = ",".join(["(?, ?, ?, 'pending', ?, ?, ?, ?, ?)"] * len(accepted))
-                rows = db.execute(
-                    "INSERT INTO jobs (id, type, resource, status, params, request_id, created_at, webhook_url, "
-                    f"webhook_style) VALUES {marks} RETURNING {_JOB_COLUMNS}",
-                    [v for values in accepted for v in values],
-                ).fetchall()
-                jobs = {row[1]: _job(row) for row in rows}
-                at = now()
-                data = {job_id: job.resource_dict() for job_id, job in jobs.items()}
-                marks = ",".join(["(?, 'status', ?, ?)"] * len(data))
-                rows = db.execute(
-                    f"INSERT INTO job_events (job_id, kind, data, at) VALUES {marks} RETURNING id, job_id",
-                    [v for job_id, d in data.items() for v in (job_id, orjson.dumps(d), at)],
-                ).fetchall()
-                events = sorted((Event(id=r[0], job_id=r[1], kind="status", data=data[r[1]]) for r in rows),
-                                key=lambda e: e.id)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        pending = None
+        accepted: list[tuple[Any, ...]] = []
+        for index, (values, max_queue, _) in enumerate(batch):
+            if max_queue is not None:
+                if pending is None:  # one count per batch, not per job
+                    pending = db.execute("SELECT count(*) FROM jobs WHERE status = 'pending'").fetchone()[0]
+                if pending >= max_queue:
+                    outcomes[index] = QueueFull(f"the queue is full ({max_queue} pending jobs); retry later")
+                    continue
+                pending += 1
+            accepted.append(values)
+        jobs: dict[str, Job] = {}
+        events: list[Event] = []
+        if accepted:
+            marks = ",".join(["(?, ?, ?, 'pending', ?, ?, ?, ?, ?)"] * len(accepted))
+            rows = db.execute(
+                "INSERT INTO jobs (id, type, resource, status, params, request_id, created_at, webhook_url, "
+                f"webhook_style) VALUES {marks} RETURNING {_JOB_COLUMNS}",
+                [v for values in accepted for v in values],
+            ).fetchall()
+            jobs = {row[1]: _job(row) for row in rows}
+            at = now()
+            data = {job_id: job.resource_dict() for job_id, job in jobs.items()}
+            marks = ",".join(["(?, 'status', ?, ?)"] * len(data))
+            rows = db.execute(
+                f"INSERT INTO job_events (job_id, kind, data, at) VALUES {marks} RETURNING id, job_id",
+                [v for job_id, d in data.items() for v in (job_id, orjson.dumps(d), at)],
+            ).fetchall()
+            events = sorted((Event(id=r[0], job_id=r[1], kind="status", data=data[r[1]]) for r in rows),
+                            key=lambda e: e.id)
         for index, (values, _, _) in enumerate(batch):
             if outcomes[index] is None:
                 outcomes[index] = jobs[values[0]]
@@ -464,9 +492,9 @@ class Store:
     async def claim(self, resource: str, node: str) -> Job | None:
         """Move the oldest due pending job of ``resource`` to processing."""
 
-        async def tx(conn: aiosqlite.Connection) -> tuple[Job | None, list[Event]]:
-            row = await self._one(
-                conn,
+        def tx(db: sqlite3.Connection) -> tuple[Job | None, list[Event]]:  # one hop: see _write_sync
+            row = self._one_sync(
+                db,
                 "UPDATE jobs SET status = 'processing', started_at = ?, attempts = attempts + 1, "
                 "progress = 0, node = ? WHERE seq = (SELECT seq FROM jobs WHERE status = 'pending' "
                 "AND resource = ? AND run_after <= ? ORDER BY seq LIMIT 1) AND status = 'pending' "
@@ -476,9 +504,9 @@ class Store:
             if row is None:
                 return None, []
             job = _job(row)
-            return job, [await self._add_event(conn, job.id, "status", job.resource_dict())]
+            return job, [self._add_event_sync(db, job.id, "status", job.resource_dict())]
 
-        return await self._write(tx)
+        return await self._write_sync(tx)
 
     async def next_due(self, resource: str) -> float | None:
         """When the earliest pending job of ``resource`` becomes due (None: none pending)."""
@@ -490,17 +518,17 @@ class Store:
     async def set_progress(self, job_id: str, progress: float, phase: str) -> Event | None:
         """Record progress of a processing job (no status change)."""
 
-        async def tx(conn: aiosqlite.Connection) -> tuple[Event | None, list[Event]]:
-            row = await self._one(  # one hop (see _one)
-                conn, "UPDATE jobs SET progress = ? WHERE id = ? AND status = 'processing' RETURNING id", (progress, job_id)
+        def tx(db: sqlite3.Connection) -> tuple[Event | None, list[Event]]:  # one hop: see _write_sync
+            row = self._one_sync(
+                db, "UPDATE jobs SET progress = ? WHERE id = ? AND status = 'processing' RETURNING id", (progress, job_id)
             )
             if row is None:
                 return None, []
             data = {"job_id": job_id, "progress": int(round(progress)), "phase": phase}
-            event = await self._add_event(conn, job_id, "progress", data)
+            event = self._add_event_sync(db, job_id, "progress", data)
             return event, [event]
 
-        return await self._write(tx)
+        return await self._write_sync(tx)
 
     async def complete(self, job_id: str, result: dict[str, Any]) -> Job:
         return await self._transition(
