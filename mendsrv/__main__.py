@@ -42,15 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     if config.auth.api_keys == ["dev-key-change-me"]:
         log.warning("using the development API key from the example configuration; set auth.api_keys")
     app = create_app(config)
-    web.run_app(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        print=lambda msg: log.info("listening", extra={"host": config.server.host, "port": config.server.port}),
-        access_log=None,
-        shutdown_timeout=5.0,
-        handle_signals=True,
-    )
+    try:
+        web.run_app(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            print=lambda msg: log.info("listening", extra={"host": config.server.host, "port": config.server.port}),
+            access_log=None,
+            shutdown_timeout=5.0,
+            handle_signals=True,
+        )
+    except ConfigError as exc:  # found while opening resources, e.g. the shared store
+        print(f"mendsrv: {exc.message}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,7 +1,7 @@
 """The app factory: ``create_app(config) -> web.Application``.
 
 Resources are opened and closed in ``cleanup_ctx`` generators, in order: store,
-storage, dispatcher, event hub, webhook sender. No module-level singletons.
+storage, event hub, webhook sender, dispatcher. No module-level singletons.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import http
+from . import health, http, metrics, swagger
 from .config import Config
 from .events import EventHub
 from .keys import API_KEYS, CONFIG, DISPATCHER, EVENT_HUB, NODE, REGISTRY, STORAGE, STORE, WEBHOOKS
+from .metrics import METRICS
 from .ops import REGISTRY as ALL_OPERATIONS
 from .pool import Dispatcher, default_node_id
 from .storage import open_storage
@@ -26,7 +27,7 @@ log = logging.getLogger("mendsrv.app")
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
-    app[STORE] = await open_store(cfg.store.url or cfg.store.path)
+    app[STORE] = await open_store(cfg.store.url or cfg.store.path, node=app[NODE], config=cfg)
     yield
     await app[STORE].close()
 
@@ -60,7 +61,7 @@ async def _end_streams(app: web.Application) -> None:
 
 
 async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
-    sender = WebhookSender(app[CONFIG].webhooks, app[STORE])
+    sender = WebhookSender(app[CONFIG].webhooks, app[STORE], on_attempt=app[METRICS].webhook_delivered)
     await sender.start()
     app[WEBHOOKS] = sender
     yield
@@ -70,15 +71,25 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[http.request_id_middleware, http.error_middleware, http.auth_middleware],
+        middlewares=[
+            http.request_id_middleware,
+            metrics.metrics_middleware,
+            http.error_middleware,
+            http.auth_middleware,
+        ],
     )
     app[CONFIG] = config
     app[API_KEYS] = [k.encode() for k in config.auth.api_keys]
     app[REGISTRY] = ALL_OPERATIONS
     app[NODE] = config.server.node_id or default_node_id()
     app[EVENT_HUB] = EventHub(config.server.sse_queue_size)
-    app.cleanup_ctx.extend([_store_ctx, _storage_ctx, _dispatcher_ctx])
-    app.cleanup_ctx.extend([_events_ctx, _webhooks_ctx])
+    # the dispatcher opens last and so closes first: jobs it drains on shutdown still
+    # reach SSE subscribers and the webhook sender
+    app.cleanup_ctx.extend([_store_ctx, _storage_ctx, _events_ctx, _webhooks_ctx, _dispatcher_ctx])
     app.on_shutdown.append(_end_streams)
     http.setup_routes(app)
+    app.on_response_prepare.append(http.echo_request_id)
+    health.setup(app)
+    metrics.setup(app)
+    swagger.setup(app)
     return app

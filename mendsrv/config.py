@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -48,6 +48,23 @@ class AuthConfig(_Section):
 class StoreConfig(_Section):
     path: str = Field("./data/mend.db", description="SQLite database file (the embedded default)")
     url: str = Field("", description='"postgresql://…" selects a shared PostgreSQL store; empty = SQLite at path')
+    heartbeat_s: float = Field(
+        2.0, gt=0, description="PostgreSQL: how often each node records that it is alive (nodes table)"
+    )
+    node_timeout_s: float = Field(
+        10.0, gt=0,
+        description="PostgreSQL: a node silent this long is dead; its processing jobs are requeued by the others "
+        "(at least twice heartbeat_s)",
+    )
+    pool_size: int = Field(10, ge=2, le=200, description="PostgreSQL: connections per node (plus one for LISTEN)")
+
+    @model_validator(mode="after")
+    def _check_shared_store(self) -> StoreConfig:
+        if self.url and not self.url.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError('store.url must start with "postgresql://" (or "sqlite:///"), or be empty')
+        if self.node_timeout_s < 2 * self.heartbeat_s:
+            raise ValueError("store.node_timeout_s must be at least twice store.heartbeat_s")
+        return self
 
 
 class StorageConfig(_Section):

@@ -17,7 +17,9 @@ from pydantic import ValidationError
 
 from .errors import BadRequest, MendError, NotFound, PayloadTooLarge, Unauthorized
 from .keys import API_KEYS, CONFIG, DISPATCHER, REGISTRY, STORE
-from .models import Status
+from .logs import REQUEST_ID as REQUEST_ID_VAR
+from .metrics import METRICS
+from .models import Status, iso
 
 log = logging.getLogger("mendsrv.http")
 
@@ -47,12 +49,14 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     incoming = request.headers.get("X-Request-ID", "")
     rid = incoming if 0 < len(incoming) <= 200 and incoming.isprintable() else uuid.uuid4().hex
     request[REQUEST_ID] = rid
+    token = REQUEST_ID_VAR.set(rid)  # every log line of this request carries it
     started = time.monotonic()
     response: web.StreamResponse | None = None
     try:
         response = await handler(request)
         return response
     finally:
+        REQUEST_ID_VAR.reset(token)
         status = response.status if response is not None else 500
         if response is not None and not response.prepared:
             response.headers["X-Request-ID"] = rid
@@ -66,6 +70,12 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
                 "duration_ms": round((time.monotonic() - started) * 1000, 2),
             },
         )
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: X-Request-ID on every response, streams and files included."""
+    if REQUEST_ID in request and "X-Request-ID" not in response.headers:
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
 
 
 @web.middleware
@@ -181,7 +191,7 @@ async def submit(request: web.Request) -> web.Response:
     idem = request.headers.get("Idempotency-Key")
     if idem is not None and not (0 < len(idem) <= 255):
         raise BadRequest("Idempotency-Key must be 1-255 characters")
-    job, _ = await request.app[STORE].insert_job(
+    job, created = await request.app[STORE].insert_job(
         job_id=str(uuid.uuid4()),
         type=name,
         resource=op.resource.value,
@@ -193,6 +203,9 @@ async def submit(request: web.Request) -> web.Response:
         body_hash=_body_hash(name, body) if idem is not None else None,
         max_queue=request.app[CONFIG].limits.max_queue,
     )
+    if created:
+        request.app[METRICS].job_submitted(name)
+        log.info("job submitted", extra={"job_id": job.id, "type": name, "status": job.status.value})
     return json_response(
         {"job_id": job.id, "status": job.status.value, "message": "Job queued for processing"},
         status=202,
@@ -272,8 +285,6 @@ async def retry_job(request: web.Request) -> web.Response:
 async def list_deliveries(request: web.Request) -> web.Response:
     job = await _job_or_404(request)
     attempts = await request.app[STORE].list_attempts(job.id)
-    from .models import iso
-
     return json_response(
         {"deliveries": [a | {"at": iso(a["at"]), "next_retry_at": iso(a["next_retry_at"])} for a in attempts]}
     )

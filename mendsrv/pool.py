@@ -28,6 +28,7 @@ from typing import Any
 
 from .config import Config
 from .errors import JobFailed, SourceNotFound, StorageError
+from .logs import REQUEST_ID
 from .models import Event, Job, Status
 from .ops.base import Limits, Operation, Resource, RunContext
 from .retry import RetryPolicy
@@ -164,6 +165,10 @@ class Dispatcher:
     def running(self) -> int:
         return len(self._running)
 
+    def runs(self, job_id: str) -> bool:
+        """Is this job running on this node now?"""
+        return job_id in self._running
+
     def healthy(self) -> bool:
         return not self._stopping and all(not lane.done() for lane in self._lanes)
 
@@ -224,6 +229,7 @@ class Dispatcher:
         op = self.registry.get(job.type)
         started = time.monotonic()
         extra = {"job_id": job.id, "type": job.type, "request_id": job.request_id, "attempt": job.attempts}
+        REQUEST_ID.set(job.request_id)  # this task's own context: its log lines carry the job's id
         log.info("job processing", extra=extra | {"status": "processing"})
         workdir = await asyncio.to_thread(_make_workdir, f"mend-{job.id[:8]}-", self.temp_root)
         try:
@@ -360,26 +366,16 @@ class Dispatcher:
         else:
             async with self._ffmpeg:
                 model = op.model.model_validate(p)
-                result = await op.run(src, dst, model, self._progress_reporter(job.id), ctx)  # type: ignore[misc]
+                reporter = self._progress_reporter(job.id)
+                try:
+                    result = await op.run(src, dst, model, reporter, ctx)  # type: ignore[misc]
+                finally:
+                    await reporter.drain()
         await self.store.set_progress(job.id, 90, "uploading")
         return await self._upload(job, result, dst)
 
-    def _progress_reporter(self, job_id: str) -> Any:
-        tasks: set[asyncio.Task[Any]] = set()
-        last = {"value": -1.0, "at": 0.0}
-
-        def report(percent: float, phase: str = "processing") -> None:
-            # throttled: at least 1 % and 0.5 s apart; 10-90 is the processing band
-            value = 10 + max(0.0, min(100.0, percent)) * 0.8
-            moment = time.monotonic()
-            if value - last["value"] < 1 or moment - last["at"] < 0.5:
-                return
-            last.update(value=value, at=moment)
-            task = asyncio.ensure_future(self.store.set_progress(job_id, value, phase))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        return report
+    def _progress_reporter(self, job_id: str) -> _ProgressReporter:
+        return _ProgressReporter(self.store, job_id)
 
     async def _upload(self, job: Job, result: dict[str, Any], dst: str) -> dict[str, Any]:
         p = job.params
@@ -402,6 +398,35 @@ class Dispatcher:
         size = await self.storage.upload(bucket, key, dst, content_type)
         outputs.insert(0, {"bucket": bucket, "key": key, "size": size, "content_type": content_type, **primary})
         return {"outputs": outputs, **result}
+
+
+class _ProgressReporter:
+    """The ``progress`` callable of an ffmpeg operation: throttled store writes.
+
+    Values land in the 10-90 band of the job's progress (download before, upload after),
+    at least 1 point and 0.5 s apart. Its writes are owned tasks, drained at the end.
+    """
+
+    def __init__(self, store: Store, job_id: str):
+        self.store = store
+        self.job_id = job_id
+        self.last_value = -1.0
+        self.last_at = 0.0
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def __call__(self, percent: float, phase: str = "processing") -> None:
+        value = 10 + max(0.0, min(100.0, percent)) * 0.8
+        moment = time.monotonic()
+        if value - self.last_value < 1 or moment - self.last_at < 0.5:
+            return
+        self.last_value, self.last_at = value, moment
+        task = asyncio.ensure_future(self.store.set_progress(self.job_id, value, phase))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def _ext(key: str) -> str:

@@ -674,7 +674,13 @@ class Store:
         return str(rows[0][0])
 
 
-async def open_store(url_or_path: str) -> Store:
+async def open_store(url_or_path: str, **options: Any) -> Store:
+    """Open the store: ``postgresql://…`` = PostgresStore (``options`` go to its open),
+    else SQLite at a path or ``sqlite:///path``."""
+    if url_or_path.startswith(("postgresql://", "postgres://")):
+        from .store_pg import PostgresStore
+
+        return await PostgresStore.open(url_or_path, **options)  # type: ignore[return-value]
     path = url_or_path.removeprefix("sqlite:///") if url_or_path.startswith("sqlite:///") else url_or_path
     if path != ":memory:":
         path = os.path.abspath(path)

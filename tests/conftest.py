@@ -257,3 +257,8 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 async def http() -> AsyncIterator[ClientSession]:
     async with ClientSession() as session:
         yield session
+
+
+# --- a real PostgreSQL server (tests/pg_fixtures.py) ----------------------------------------
+
+from .pg_fixtures import PgCluster, pg_cluster, pg_url  # noqa: E402,F401

@@ -1,5 +1,5 @@
 """Video and audio jobs through the HTTP API: progress, cancel, timeout, HLS uploads and
-refused playlist sources. Needs the core service (mendsrv.app); skipped without it."""
+refused playlist sources."""
 
 from __future__ import annotations
 
@@ -11,14 +11,10 @@ from typing import Any
 
 import pytest
 
-import mendsrv
-
-if not (Path(mendsrv.__file__).parent / "app.py").exists() or not (Path(__file__).parent / "conftest.py").exists():
-    pytest.skip("needs the core service (mendsrv.app) and its test fixtures", allow_module_level=True)
-
-from tests.av_media import ffmpeg_children, make_video  # noqa: E402
-from tests.conftest import AUTH, job_body, wait_for_job  # noqa: E402
-from tests.test_ops_video import _Receiver  # noqa: E402
+from tests.av_media import ffmpeg_children, make_video
+from tests.conftest import AUTH, job_body, wait_for_job
+from tests.test_ops_video import _Receiver
+from tests.test_sse import open_stream
 
 SLOW = {"video_codec": "h265", "preset": "veryslow"}  # minutes for the 10 s clip on 2 threads
 
@@ -65,6 +61,20 @@ async def test_video_job_progress_increases_while_ffmpeg_runs(
     assert len([p for p in seen if 10 < p < 90]) >= 3, seen
     (output,) = job["result"]["outputs"]
     assert output["key"] == "out.mkv" and output["video_codec"] == "h264"
+
+
+async def test_video_job_sse_subscriber_sees_increasing_progress(
+    config_factory: Any, client_factory: Any, long_clip: Path
+) -> None:
+    client = await client_factory(config_factory(workers={"ffmpeg_threads": 1}))
+    job_id = await _submit(client, "video/transcode", job_body("long.mp4", "out.mp4", preset="veryslow"))
+    events = await (await open_stream(client, job_id, last_event_id=0)).until_end(timeout=120)
+    ids = [e["id"] for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    progress = [e["data"]["progress"] for e in events if e["event"] == "progress"]
+    assert progress == sorted(progress)
+    assert len({p for p in progress if 10 < p < 90}) >= 3, progress
+    assert events[-1]["event"] == "status" and events[-1]["data"]["status"] == "completed"
 
 
 async def test_video_job_cancel_kills_ffmpeg_within_two_seconds(

@@ -34,7 +34,7 @@ async def test_pool_worker_death_costs_only_its_job(config_factory: Any, client_
     client = await client_factory(config_factory(workers={"processes": 2, "retry_base_s": 0}))
     write_jpeg(buckets / "media" / "big.jpg", 6000, 6000, Q=98)
     write_jpeg(buckets / "media" / "small.jpg", 64, 64)
-    victim = await _submit(client, source_key="big.jpg", dest_key="victim.jpg", width=100)
+    victim = await _submit(client, source_key="big.jpg", dest_key="victim.png", width=5900)  # seconds of PNG encoding
     pid = await _worker_pid(tmp_path / "tmp")
     others = [await _submit(client, source_key="small.jpg", dest_key=f"o{i}.jpg", width=10) for i in range(6)]
     os.kill(pid, signal.SIGKILL)
@@ -48,7 +48,7 @@ async def test_pool_worker_death_costs_only_its_job(config_factory: Any, client_
 async def test_pool_worker_death_past_max_attempts_fails_with_sentence(config_factory: Any, client_factory: Any, buckets: Path, tmp_path: Path) -> None:
     client = await client_factory(config_factory(workers={"processes": 1, "max_attempts": 1}))
     write_jpeg(buckets / "media" / "big.jpg", 6000, 6000, Q=98)
-    victim = await _submit(client, source_key="big.jpg", dest_key="victim.jpg", width=100)
+    victim = await _submit(client, source_key="big.jpg", dest_key="victim.png", width=5900)  # seconds of PNG encoding
     os.kill(await _worker_pid(tmp_path / "tmp"), signal.SIGKILL)
     job = await wait_for_job(client, victim, timeout=60)
     assert job["status"] == "failed"

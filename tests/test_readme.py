@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyvips
 import pytest
+import pyvips
 
 from .conftest import REPO, ServerProcess, free_port
 
