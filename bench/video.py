@@ -10,6 +10,7 @@ mendsrv, process start → exit for the raw command.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from .media import clip
 SECONDS = 10
 
 
-def _ffmpeg_child(server_pid: int) -> list[str] | None:
+def _ffmpeg_child(server_pid: int) -> tuple[int, list[str]] | None:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -34,8 +35,15 @@ def _ffmpeg_child(server_pid: int) -> list[str] | None:
         except (OSError, ValueError, IndexError):
             continue
         if argv and b"ffmpeg" in Path(argv[0].decode()).name.encode():
-            return [a.decode() for a in argv]
+            return int(entry.name), [a.decode() for a in argv]
     return None
+
+
+def _started_at(pid: int) -> float:
+    """A process's start time (epoch seconds, to a clock tick) from /proc."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _short(arg: str) -> str:
@@ -65,8 +73,9 @@ async def run(ctx: Context) -> list[Row]:
     (server.buckets / "media").mkdir(parents=True, exist_ok=True)
     (server.buckets / "media" / "clip.mp4").write_bytes(source.read_bytes())
     name = "video 10 s 1080p → 720p H.264"
-    rounds = 1 if ctx.quick else 2
+    rounds = 1 if ctx.quick else 3
     ours: list[float] = []
+    overheads: list[float] = []
     raws: list[float] = []
     argv: list[str] | None = None
     with server:
@@ -81,24 +90,41 @@ async def run(ctx: Context) -> list[Row]:
                 job_id = await submit(session, server.url, "video/transcode", {
                     "source_bucket": "media", "source_key": "clip.mp4", "dest_bucket": "media",
                     "dest_key": f"clip-720p-{n}.mp4", "width": 1280, "height": 720})
+                child = None
+                while child is None and time.time() - sent < 60:  # find the ffmpeg child: its argv, start
+                    child = await asyncio.to_thread(_ffmpeg_child, server.pid)
+                    await asyncio.sleep(0 if child else 0.02)
+                if child is None:
+                    raise RuntimeError("did not see mendsrv's ffmpeg child")
+                if child is not None:
+                    pid, argv = child
+                    started = _started_at(pid)
+                    while os.path.exists(f"/proc/{pid}"):  # its end, to 20 ms
+                        await asyncio.sleep(0.02)
+                    ffmpeg_s = time.time() - started
                 while True:
-                    if argv is None:
-                        argv = await asyncio.to_thread(_ffmpeg_child, server.pid)
                     job = await get_job(session, server.url, job_id)
                     if job["status"] in ("completed", "failed", "cancelled"):
                         break
-                    await asyncio.sleep(0.05 if argv is None else 0.25)
+                    await asyncio.sleep(0.05)
                 if job["status"] != "completed":
                     raise RuntimeError(f"transcode {job['status']}: {job.get('error')}")
                 if argv is None:
                     raise RuntimeError("did not see mendsrv's ffmpeg child")
                 ours.append(iso_to_epoch(job["finished_at"]) - sent)
+                overheads.append(ours[-1] - ffmpeg_s)
                 raws.append(await _raw(argv, source, ctx.work / "video" / "raw-720p.mp4"))
     ours_s, raw_s = min(ours), min(raws)
     out = job["result"]["outputs"][0]
+    overhead = min(overheads)
     return [Row(
         name, "× realtime", SECONDS / ours_s, SECONDS / raw_s, "ratio >= 0.97",
         note=f"best of {rounds}, alternating: mendsrv {[round(x, 1) for x in ours]} s submit→completed "
         f"({out.get('width')}×{out.get('height')}), raw {[round(x, 1) for x in raws]} s; "
         f"command: {' '.join(_short(a) for a in argv or [])}",
+    ), Row(
+        "video: mendsrv time outside ffmpeg", "s", overhead, None, "",
+        note=f"submit→completed minus the ffmpeg child's own run, per round {[round(x, 2) for x in overheads]}: "
+        f"{overhead / ours_s:.1%} of the job (the ffmpeg run itself is the raw command); "
+        "robust to the machine's load, unlike the wall-time ratio",
     )]
