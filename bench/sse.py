@@ -57,50 +57,63 @@ async def fan_out(port: int, path: str, headers: list[str], fire, pid: int) -> t
     return [(t - sent) * 1000 for t in times], cpu_ms
 
 
+async def _ours_round(session: aiohttp.ClientSession, server: Server) -> tuple[list[float], float] | int:
+    job_id = await submit(session, server.url, "image/resize", {
+        "source_bucket": "media", "source_key": "a.jpg", "dest_bucket": "media", "dest_key": "o.jpg", "width": 10})
+    async with session.get(f"{server.url}/api/v1/jobs/{job_id}/stream", headers={"X-API-Key": API_KEY}) as resp:
+        if resp.status != 200:
+            return resp.status
+    for _ in range(100):  # wait until a worker holds it (processing)
+        async with session.get(f"{server.url}/api/v1/jobs/{job_id}", headers={"X-API-Key": API_KEY}) as r:
+            if (await r.json())["status"] == "processing":
+                break
+        await asyncio.sleep(0.05)
+
+    async def cancel() -> None:
+        async with session.post(f"{server.url}/api/v1/jobs/{job_id}/cancel", headers={"X-API-Key": API_KEY}) as r:
+            assert r.status == 200, await r.text()
+
+    return await fan_out(server.port, f"/api/v1/jobs/{job_id}/stream", [f"X-API-Key: {API_KEY}"], cancel, server.pid)
+
+
+def _median_round(rounds: list[tuple[list[float], float]]) -> tuple[list[float], float]:
+    return sorted(rounds, key=lambda r: percentile(r[0], 0.99))[len(rounds) // 2]
+
+
 async def run(ctx: Context) -> list[Row]:
+    rounds = 1 if ctx.quick else 3
+    ours_rounds: list[tuple[list[float], float]] = []
+    raw_rounds: list[tuple[list[float], float]] = []
     stall = StalledEndpoint()
     try:
         server = Server(ctx.work / "sse", {
             "storage": s3_section(stall.url) | {"read_timeout_s": 600.0, "connect_timeout_s": 60.0},
             "workers": {"processes": 1},
         })
-        with server:
+        with server, raw_server(ctx.work / "sse-raw") as raw:
             async with aiohttp.ClientSession() as session:
-                job_id = await submit(session, server.url, "image/resize", {
-                    "source_bucket": "media", "source_key": "a.jpg", "dest_bucket": "media", "dest_key": "o.jpg",
-                    "width": 10})
-                async with session.get(f"{server.url}/api/v1/jobs/{job_id}/stream",
-                                       headers={"X-API-Key": API_KEY}) as resp:
-                    if resp.status != 200:
+
+                async def fire() -> None:
+                    async with session.post(f"http://127.0.0.1:{raw.port}/fire") as r:
+                        assert r.status == 204
+
+                for _ in range(rounds):  # alternate: the machine is shared, its load drifts
+                    got = await _ours_round(session, server)
+                    if isinstance(got, int):
                         return [Row(f"SSE fan-out to {SUBSCRIBERS:,}, p99", "ms", target="<= 100",
-                                    note=f"not measured: GET …/stream answered {resp.status} (SSE not in this build)")]
-                for _ in range(100):  # wait until a worker holds it (processing)
-                    async with session.get(f"{server.url}/api/v1/jobs/{job_id}", headers={"X-API-Key": API_KEY}) as r:
-                        if (await r.json())["status"] == "processing":
-                            break
-                    await asyncio.sleep(0.05)
-
-                async def cancel() -> None:
-                    async with session.post(f"{server.url}/api/v1/jobs/{job_id}/cancel",
-                                            headers={"X-API-Key": API_KEY}) as r:
-                        assert r.status == 200, await r.text()
-
-                ours, ours_cpu = await fan_out(
-                    server.port, f"/api/v1/jobs/{job_id}/stream", [f"X-API-Key: {API_KEY}"], cancel, server.pid)
+                                    note=f"not measured: GET …/stream answered {got} (SSE not in this build)")]
+                    ours_rounds.append(got)
+                    raw_rounds.append(await fan_out(raw.port, "/stream", [], fire, raw.pid))
     finally:
         stall.close()
-    with raw_server(ctx.work / "sse-raw") as raw:
-        async with aiohttp.ClientSession() as session:
-
-            async def fire() -> None:
-                async with session.post(f"http://127.0.0.1:{raw.port}/fire") as r:
-                    assert r.status == 204
-
-            base, base_cpu = await fan_out(raw.port, "/stream", [], fire, raw.pid)
+    (ours, ours_cpu), (base, base_cpu) = _median_round(ours_rounds), _median_round(raw_rounds)
+    p99s = f"p99 per round: mendsrv {[round(percentile(r[0], 0.99)) for r in ours_rounds]}, " \
+        f"raw {[round(percentile(r[0], 0.99)) for r in raw_rounds]} ms"
     return [
         Row(f"SSE fan-out to {SUBSCRIBERS:,}, p99", "ms", percentile(ours, 0.99), percentile(base, 0.99), "<= 100",
-            note="from the cancel request being sent to each subscriber's receipt; subscribers in their own process; "
-            "raw = bare aiohttp writing one event to every open StreamResponse",
+            note=f"median of {rounds} alternating rounds ({p99s}); from the cancel request being sent to each "
+            "subscriber's receipt; subscribers in their own process; raw = bare aiohttp writing one event to every "
+            "open StreamResponse",
             extra={"mendsrv_ms": sorted(ours), "raw_ms": sorted(base)}),
         Row(f"SSE fan-out to {SUBSCRIBERS:,}, last receipt", "ms", max(ours), max(base), ""),
         Row(f"SSE fan-out to {SUBSCRIBERS:,}, p50", "ms", percentile(ours, 0.5), percentile(base, 0.5), ""),
