@@ -58,7 +58,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer jobs (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer jobs (about 2 minutes)")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS, metavar="NAME",
                         help=f"run only this measurement (repeatable): {', '.join(MEASUREMENTS)}")
     parser.add_argument("--out", default=str(OUT / "results.json"), help="where to write the JSON results")
