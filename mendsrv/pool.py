@@ -79,6 +79,7 @@ class _Running:
     job: Job
     task: asyncio.Task[None]
     cancel_reason: str | None = None  # "user" | "shutdown"
+    executor: ProcessPoolExecutor | None = None  # the pool its CPU work went to
 
 
 class JobTimeout(JobFailed):
@@ -111,7 +112,6 @@ class Dispatcher:
         self._wake = {r.value: asyncio.Event() for r in Resource}
         self._running: dict[str, _Running] = {}
         self._lanes: list[asyncio.Task[None]] = []
-        self._killed_pids: set[int] = set()
         self._stopping = False
 
     # --- life cycle ----------------------------------------------------------------
@@ -300,11 +300,12 @@ class Dispatcher:
             await self._finish(self.store.fail(job.id, f"{message} (after {job.attempts} attempts)"), extra)
 
     async def _worker_died(self, job: Job, workdir: str, extra: dict[str, Any]) -> None:
-        broken = self._executor
-        culprit = self._was_culprit(broken, workdir)
+        running = self._running.get(job.id)
+        broken = running.executor if running is not None else None
         if broken is not None and broken is self._executor and not self._stopping:
             self._executor = self._new_executor()
             log.warning("worker process died; pool rebuilt", extra=extra)
+        culprit = await self._was_culprit(broken, workdir)
         if not culprit:
             await self._finish(self.store.requeue(job.id, refund=True), extra)
             return
@@ -320,24 +321,40 @@ class Dispatcher:
                 extra,
             )
 
-    def _was_culprit(self, executor: ProcessPoolExecutor | None, workdir: str) -> bool:
-        """Did this job's own worker die (not one terminated because another died)?"""
+    async def _was_culprit(self, executor: ProcessPoolExecutor | None, workdir: str) -> bool:
+        """Did this job's own worker die (not one terminated because another died)?
+
+        The pool terminates its other workers with SIGTERM when one dies; any other end
+        of this job's worker means it was the one. Its exit code can read as None for a
+        moment while the pool's own thread reaps it, so it is read again until known.
+        """
         pid = _read_pid(workdir)
         if pid is None:
             return False  # never started: queued behind the crash
-        procs = getattr(executor, "_processes", None) or {}
-        proc = procs.get(pid)
+        proc = (getattr(executor, "_processes", None) or {}).get(pid)
         if proc is None:
             return True
-        proc.join(timeout=1)
-        return proc.exitcode not in (None, -signal.SIGTERM)
+        for _ in range(100):
+            if proc.exitcode is not None:
+                return proc.exitcode != -signal.SIGTERM
+            await asyncio.sleep(0.05)
+        return True  # unknown: count the attempt, so a crashing input cannot loop forever
 
     def _kill_job_worker(self, workdir: str) -> None:
+        """Stop a timed-out CPU job: kill its worker and start a fresh pool at once.
+
+        Jobs running beside it on the old pool get BrokenProcessPool and, their own
+        workers having been merely terminated, are requeued without losing an attempt.
+        """
         pid = _read_pid(workdir)
-        if pid is not None and self._executor is not None and pid in getattr(self._executor, "_processes", {}):
-            self._killed_pids.add(pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        executor = self._executor
+        if pid is None or executor is None or pid not in getattr(executor, "_processes", {}):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not self._stopping:
+            self._executor = self._new_executor()
+            executor.shutdown(wait=False)
 
     async def _work(self, job: Job, op: Operation, workdir: str) -> dict[str, Any]:
         p = job.params
@@ -361,6 +378,8 @@ class Dispatcher:
             async with self._cpu:
                 executor = self._executor
                 assert executor is not None
+                if job.id in self._running:
+                    self._running[job.id].executor = executor
                 loop = asyncio.get_running_loop()
                 result = await loop.run_in_executor(executor, _worker_run, op.name, src, dst, p, ctx)
         else:

@@ -74,3 +74,14 @@ async def test_pool_runs_jobs_in_fifo_order(config_factory: Any, client_factory:
     jobs = [await wait_for_job(client, job_id) for job_id in ids]
     started = [j["started_at"] for j in jobs]
     assert started == sorted(started)
+
+
+async def test_pool_after_a_timeout_the_next_job_runs_on_a_fresh_pool(config_factory: Any, client_factory: Any, buckets: Path) -> None:
+    client = await client_factory(config_factory(workers={"processes": 1, "job_timeout_s": 0.3}))
+    write_jpeg(buckets / "media" / "big.jpg", 8000, 8000, Q=98)
+    write_jpeg(buckets / "media" / "small.jpg", 64, 64)
+    slow = await _submit(client, source_key="big.jpg", dest_key="slow.png", width=7900)
+    job = await wait_for_job(client, slow, timeout=60)
+    assert job["status"] == "failed" and "workers.job_timeout_s" in job["error"]
+    quick = await wait_for_job(client, await _submit(client, source_key="small.jpg", width=8), timeout=60)
+    assert quick["status"] == "completed" and quick["attempts"] == 1
