@@ -90,6 +90,11 @@ class WorkersConfig(_Section):
     max_attempts: int = Field(3, ge=1, le=100, description="Runs of one job, crash recoveries included")
     retry_base_s: float = Field(2.0, ge=0, description="Delay before re-running a job after a transient failure; doubles")
     poll_interval_s: float = Field(1.0, gt=0, description="How often idle workers look for due jobs")
+    vips_concurrency: int = Field(
+        1, ge=0, le=64,
+        description="libvips threads in each worker process; 0 = libvips' default (one per CPU). The pool already "
+        "runs one process per CPU, so more threads only oversubscribe the CPUs",
+    )
 
 
 class LimitsConfig(_Section):

@@ -43,11 +43,20 @@ _PID_FILE = ".worker-pid"
 # --- worker process side -----------------------------------------------------------------
 
 
-def _worker_init() -> None:
+def _worker_init(vips_concurrency: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     from .ops.image import block_untrusted
 
     block_untrusted()
+    import pyvips
+
+    # One libvips thread per worker by default: the pool has one process per CPU, and a
+    # thread pool per pipeline costs milliseconds on small images (bench/RESULTS.md).
+    if vips_concurrency:
+        pyvips.concurrency_set(vips_concurrency)
+    # No operation cache: every job reads a new temp file, and a cached image would keep
+    # the deleted source open (its disk space in use) until evicted.
+    pyvips.cache_set_max(0)
 
 
 def _worker_run(op_name: str, src: str, dst: str, params: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
@@ -122,6 +131,7 @@ class Dispatcher:
             max_workers=self.processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
+            initargs=(self.cfg.workers.vips_concurrency,),
         )
 
     async def stop(self, timeout: float) -> None:
@@ -222,7 +232,7 @@ class Dispatcher:
         REQUEST_ID.set(job.request_id)  # this task's own context: its log lines carry the job's id
         log.info("job processing", extra=extra | {"status": "processing"})
         try:
-            workdir = tempfile.mkdtemp(prefix=f"mend-{job.id[:8]}-", dir=self.temp_root)
+            workdir = await asyncio.to_thread(_make_workdir, f"mend-{job.id[:8]}-", self.temp_root)
         except OSError as exc:
             # a missing, unwritable or full temp directory: retried, then failed with a sentence
             await self._transient(job, self._no_room(exc, "create a working directory in"), extra)
@@ -364,8 +374,6 @@ class Dispatcher:
         p = job.params
         src_dir = Path(workdir, "src")
         out_dir = Path(workdir, "out")
-        src_dir.mkdir()
-        out_dir.mkdir()
         src = str(src_dir / ("source" + _ext(p["source_key"])))
         dst = str(out_dir / (posixpath.basename(p["dest_key"]) or "output"))
         max_bytes = self.limits.max_source_bytes
@@ -457,6 +465,15 @@ class _ProgressReporter:
 def _ext(key: str) -> str:
     ext = posixpath.splitext(key)[1].lower()
     return ext if ext.isascii() and len(ext) <= 8 and ext[1:].isalnum() else ""
+
+
+def _make_workdir(prefix: str, root: str) -> str:
+    """A job's temp directory with src/ and out/, made off the event loop (three
+    directory creations took a few milliseconds of the loop per job under load)."""
+    workdir = tempfile.mkdtemp(prefix=prefix, dir=root)
+    os.mkdir(os.path.join(workdir, "src"))
+    os.mkdir(os.path.join(workdir, "out"))
+    return workdir
 
 
 def _read_pid(workdir: str) -> int | None:
