@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .conftest import AUTH, job_body, wait_for_job, write_jpeg
 
 
@@ -34,7 +36,7 @@ async def test_pool_worker_death_costs_only_its_job(config_factory: Any, client_
     client = await client_factory(config_factory(workers={"processes": 2, "retry_base_s": 0}))
     write_jpeg(buckets / "media" / "big.jpg", 6000, 6000, Q=98)
     write_jpeg(buckets / "media" / "small.jpg", 64, 64)
-    victim = await _submit(client, source_key="big.jpg", dest_key="victim.png", width=5900)  # seconds of PNG encoding
+    victim = await _submit(client, source_key="big.jpg", dest_key="victim.avif", width=3000)  # seconds of AV1 encoding
     pid = await _worker_pid(tmp_path / "tmp")
     others = [await _submit(client, source_key="small.jpg", dest_key=f"o{i}.jpg", width=10) for i in range(6)]
     os.kill(pid, signal.SIGKILL)
@@ -48,7 +50,7 @@ async def test_pool_worker_death_costs_only_its_job(config_factory: Any, client_
 async def test_pool_worker_death_past_max_attempts_fails_with_sentence(config_factory: Any, client_factory: Any, buckets: Path, tmp_path: Path) -> None:
     client = await client_factory(config_factory(workers={"processes": 1, "max_attempts": 1}))
     write_jpeg(buckets / "media" / "big.jpg", 6000, 6000, Q=98)
-    victim = await _submit(client, source_key="big.jpg", dest_key="victim.png", width=5900)  # seconds of PNG encoding
+    victim = await _submit(client, source_key="big.jpg", dest_key="victim.avif", width=3000)  # seconds of AV1 encoding
     os.kill(await _worker_pid(tmp_path / "tmp"), signal.SIGKILL)
     job = await wait_for_job(client, victim, timeout=60)
     assert job["status"] == "failed"
@@ -76,12 +78,18 @@ async def test_pool_runs_jobs_in_fifo_order(config_factory: Any, client_factory:
     assert started == sorted(started)
 
 
-async def test_pool_after_a_timeout_the_next_job_runs_on_a_fresh_pool(config_factory: Any, client_factory: Any, buckets: Path) -> None:
-    client = await client_factory(config_factory(workers={"processes": 1, "job_timeout_s": 0.3}))
+async def test_pool_after_a_timeout_the_next_job_runs_on_a_fresh_pool(config_factory: Any, client_factory: Any, buckets: Path, tmp_path: Path) -> None:
+    client = await client_factory(config_factory(workers={"processes": 1, "job_timeout_s": 2}))
     write_jpeg(buckets / "media" / "big.jpg", 8000, 8000, Q=98)
     write_jpeg(buckets / "media" / "small.jpg", 64, 64)
-    slow = await _submit(client, source_key="big.jpg", dest_key="slow.png", width=7900)
+    # the first job starts the worker process, so the timed job below is really running
+    warm = await wait_for_job(client, await _submit(client, source_key="small.jpg", width=8), timeout=60)
+    assert warm["status"] == "completed"
+    slow = await _submit(client, source_key="big.jpg", dest_key="slow.avif", width=7900)  # ~10 s of AV1 encoding
+    first_pid = await _worker_pid(tmp_path / "tmp")
     job = await wait_for_job(client, slow, timeout=60)
     assert job["status"] == "failed" and "workers.job_timeout_s" in job["error"]
     quick = await wait_for_job(client, await _submit(client, source_key="small.jpg", width=8), timeout=60)
     assert quick["status"] == "completed" and quick["attempts"] == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(first_pid, 0)  # the timed-out job's worker is gone
