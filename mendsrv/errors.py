@@ -54,6 +54,10 @@ class QueueFull(MendError):
 
     status = 429
 
+    @classmethod
+    def at(cls, max_queue: int) -> QueueFull:
+        return cls(f"the queue is full: {max_queue} jobs are pending (limits.max_queue); retry later")
+
 
 class Unavailable(MendError):
     """A dependency is unavailable."""

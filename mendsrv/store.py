@@ -358,9 +358,7 @@ class Store:
             if max_queue is not None:
                 row = await self._one(conn, "SELECT count(*) FROM jobs WHERE status = 'pending'", ())
                 if row[0] >= max_queue:
-                    raise QueueFull(
-                        f"the queue is full: {max_queue} jobs are pending (limits.max_queue); retry later"
-                    )
+                    raise QueueFull.at(max_queue)
             row = await self._one(
                 conn,
                 "INSERT INTO jobs (id, type, resource, status, params, request_id, idempotency_key, body_hash, "
@@ -431,7 +429,7 @@ class Store:
                 if pending is None:  # one count per batch, not per job
                     pending = db.execute("SELECT count(*) FROM jobs WHERE status = 'pending'").fetchone()[0]
                 if pending >= max_queue:
-                    outcomes[index] = QueueFull(f"the queue is full ({max_queue} pending jobs); retry later")
+                    outcomes[index] = QueueFull.at(max_queue)
                     continue
                 pending += 1
             accepted.append(values)

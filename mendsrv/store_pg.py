@@ -651,7 +651,7 @@ class PostgresStore:
             if max_queue is not None:
                 pending = await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'pending'")
                 if pending >= max_queue:
-                    raise QueueFull(f"the queue is full: {max_queue} jobs are pending (limits.max_queue); retry later")
+                    raise QueueFull.at(max_queue)
             row = await conn.fetchrow(
                 _q(
                     "INSERT INTO jobs (id, type, resource, status, params, request_id, idempotency_key, body_hash, "
