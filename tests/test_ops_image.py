@@ -703,7 +703,7 @@ def test_metadata_dominant_colour_and_blurhash(tmp_path: Path) -> None:
 
 
 def test_metadata_blurhash_matches_reference_encoder() -> None:
-    blurhash = pytest.importorskip("blurhash")
+    import blurhash
     from PIL import Image as PILImage
 
     from mendsrv.ops.image_metadata import blurhash_encode

@@ -14,10 +14,7 @@ import asyncpg
 import orjson
 import pytest
 
-import mendsrv
-from mendsrv.app import create_app
-
-from .conftest import AUTH, ServerProcess, free_port, job_body, make_config
+from .conftest import AUTH, ServerProcess, free_port, job_body
 
 HEARTBEAT_S = 0.5
 NODE_TIMEOUT_S = 3.0
@@ -279,10 +276,6 @@ async def test_scaling_sse_on_one_node_sees_every_event_of_a_job_another_node_ru
     server_process: Any, tmp_path: Path, pg_url: str, s3_config: dict[str, Any], s3_client: Any, bucket: str, http: Any
 ) -> None:
     s3_client.put_object(Bucket=bucket, Key="in.jpg", Body=jpeg_bytes(1600, 1600))
-    routes = {r.resource.canonical for r in create_app(make_config(tmp_path)).router.routes() if r.resource}
-    if "/api/v1/jobs/{job_id}/stream" not in routes:
-        pytest.skip("GET /api/v1/jobs/{id}/stream is not on this branch yet; tests/test_store_pg.py covers "
-                    "cross-node events at the store level")
     nodes = start_nodes(server_process, tmp_path, 2, pg_url, s3_config)
     streams: dict[str, asyncio.Task[Any]] = {}
     for i in range(8):  # more work than the nodes do at once: most streams start before their job runs
@@ -306,9 +299,6 @@ async def test_scaling_sse_on_one_node_sees_every_event_of_a_job_another_node_ru
 async def test_scaling_each_webhook_is_delivered_once_by_several_nodes(
     server_process: Any, tmp_path: Path, pg_url: str, s3_config: dict[str, Any], s3_client: Any, bucket: str, http: Any
 ) -> None:
-    if not (Path(mendsrv.__file__).parent / "webhooks.py").exists():
-        pytest.skip("the webhook sender is not on this branch yet; tests/test_store_pg.py covers exactly-once "
-                    "at the delivery-claim level")
     from aiohttp import web
 
     received: list[str] = []

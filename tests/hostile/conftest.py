@@ -318,10 +318,6 @@ def operation_bodies() -> dict[str, dict[str, Any]]:
     return out
 
 
-def families() -> set[str]:
-    return {op.family for op in REGISTRY.values()}
-
-
 # --- helpers -----------------------------------------------------------------------------
 
 

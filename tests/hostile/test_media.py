@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from mendsrv.ops import REGISTRY
 
 from ..conftest import job_body, wait_for_job, write_jpeg
@@ -158,8 +156,7 @@ async def test_hostile_media_second_sources_are_checked_too(
 ) -> None:
     """A sound source with a hostile overlay (watermark image): the overlay meets the same limits."""
     ops = [op for op in REGISTRY.values() if op.extra_sources]
-    if not ops:
-        pytest.skip("no operation takes a second source")
+    assert ops, "image/watermark takes a second source"
     client = await client_factory(config_factory(limits={"max_source_bytes": 2_000_000}))
     media = buckets / "media"
     for name in ("good.jpg", "bomb-valid.png", "bomb.jpg", "truncated.png", "text.jpg", "zero.jpg"):
