@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .harness import Context, Row, machine_facts, markdown, table, write_json
 
-MEASUREMENTS = ["submit", "images", "small", "video", "sse", "memory"]
+MEASUREMENTS = ["submit", "images", "small", "video", "sse", "memory", "nodes"]
 OUT = Path(__file__).resolve().parent / "out"
 
 
