@@ -9,13 +9,13 @@ from .events import EventHub
 from .ops.base import Operation
 from .pool import Dispatcher
 from .storage import Storage
-from .store import Store
+from .store_api import JobStore
 from .webhooks import WebhookSender
 
 CONFIG = web.AppKey("config", Config)
 API_KEYS = web.AppKey("api_keys", list[bytes])
 REGISTRY = web.AppKey("registry", dict[str, Operation])
-STORE = web.AppKey("store", Store)
+STORE = web.AppKey("store", JobStore)
 STORAGE = web.AppKey("storage", Storage)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 NODE = web.AppKey("node", str)

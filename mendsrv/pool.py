@@ -33,7 +33,8 @@ from .models import Event, Job, Status
 from .ops.base import Limits, Operation, Resource, RunContext
 from .retry import RetryPolicy
 from .storage import DISK_FULL, Storage
-from .store import Store, TransitionError
+from .store import TransitionError
+from .store_api import JobStore
 
 log = logging.getLogger("mendsrv.pool")
 
@@ -89,7 +90,7 @@ class JobTimeout(JobFailed):
 class Dispatcher:
     """Claims pending jobs and runs them; owns every task it starts."""
 
-    def __init__(self, cfg: Config, store: Store, storage: Storage, registry: dict[str, Operation], node: str):
+    def __init__(self, cfg: Config, store: JobStore, storage: Storage, registry: dict[str, Operation], node: str):
         self.cfg = cfg
         self.store = store
         self.storage = storage
@@ -440,7 +441,7 @@ class _ProgressReporter:
     at least 1 point and 0.5 s apart. Its writes are owned tasks, drained at the end.
     """
 
-    def __init__(self, store: Store, job_id: str):
+    def __init__(self, store: JobStore, job_id: str):
         self.store = store
         self.job_id = job_id
         self.last_value = -1.0

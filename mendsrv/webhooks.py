@@ -39,7 +39,7 @@ from . import __version__
 from .config import WebhooksConfig
 from .models import Event, iso, now
 from .retry import RetryPolicy
-from .store import Store
+from .store_api import JobStore
 
 log = logging.getLogger("mendsrv.webhooks")
 
@@ -216,7 +216,7 @@ class WebhookSender:
     def __init__(
         self,
         cfg: WebhooksConfig,
-        store: Store,
+        store: JobStore,
         *,
         poll_interval_s: float = POLL_INTERVAL_S,
         on_attempt: Callable[[str], None] | None = None,
