@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,32 @@ class TransitionError(Conflict):
     """The job is not in a state that allows this."""
 
 
-class Store:
+class UserTransitions:
+    """``cancel`` and ``retry``, the transitions a client asks for: the same on every
+    backend, which differ only in ``_transition``."""
+
+    _transition: Callable[..., Awaitable[Job]]
+
+    async def cancel(self, job_id: str) -> Job:
+        try:
+            return await self._transition(
+                job_id, ACTIVE, Status.CANCELLED, "finished_at = ?, error = ?", (now(), "cancelled by request")
+            )
+        except TransitionError as exc:
+            raise TransitionError(f"{exc.message.split(';')[0]}; only pending or processing jobs can be cancelled") from None
+
+    async def retry(self, job_id: str) -> Job:
+        try:
+            return await self._transition(
+                job_id, [Status.FAILED, Status.CANCELLED], Status.PENDING,
+                "progress = 0, attempts = 0, error = NULL, result = NULL, started_at = NULL, "
+                "finished_at = NULL, run_after = 0",
+            )
+        except TransitionError as exc:
+            raise TransitionError(f"{exc.message.split(';')[0]}; only failed or cancelled jobs can be retried") from None
+
+
+class Store(UserTransitions):
     """SQLite job store. Use ``await Store.open(path)``; ``await store.close()``."""
 
     def __init__(self, path: str):
@@ -540,24 +565,6 @@ class Store:
         return await self._transition(
             job_id, allowed, Status.FAILED, "finished_at = ?, error = ?", (now(), error)
         )
-
-    async def cancel(self, job_id: str) -> Job:
-        try:
-            return await self._transition(
-                job_id, ACTIVE, Status.CANCELLED, "finished_at = ?, error = ?", (now(), "cancelled by request")
-            )
-        except TransitionError as exc:
-            raise TransitionError(f"{exc.message.split(';')[0]}; only pending or processing jobs can be cancelled") from None
-
-    async def retry(self, job_id: str) -> Job:
-        try:
-            return await self._transition(
-                job_id, [Status.FAILED, Status.CANCELLED], Status.PENDING,
-                "progress = 0, attempts = 0, error = NULL, result = NULL, started_at = NULL, "
-                "finished_at = NULL, run_after = 0",
-            )
-        except TransitionError as exc:
-            raise TransitionError(f"{exc.message.split(';')[0]}; only failed or cancelled jobs can be retried") from None
 
     async def requeue(self, job_id: str, *, refund: bool, delay_s: float = 0.0, error: str | None = None) -> Job:
         """processing -> pending: after a transient failure, or on shutdown (refund the attempt)."""

@@ -36,8 +36,8 @@ import asyncpg
 import orjson
 
 from .errors import ConfigError, Conflict, NotFound, QueueFull, Unavailable
-from .models import ACTIVE, TERMINAL, Event, Job, Status, now
-from .store import TransitionError
+from .models import TERMINAL, Event, Job, Status, now
+from .store import TransitionError, UserTransitions
 
 if TYPE_CHECKING:
     from .config import Config
@@ -181,7 +181,7 @@ def _event(event_id: int, job_id: str, kind: str, data: str) -> Event:
     return Event(id=event_id, job_id=job_id, kind=kind, data=payload, terminal=terminal)
 
 
-class PostgresStore:
+class PostgresStore(UserTransitions):
     """PostgreSQL job store. Use ``await PostgresStore.open(url, node=…)``; ``await store.close()``."""
 
     def __init__(
@@ -757,24 +757,6 @@ class PostgresStore:
         return await self._transition(
             job_id, allowed, Status.FAILED, "finished_at = ?, error = ?", (now(), error), owned=True
         )
-
-    async def cancel(self, job_id: str) -> Job:
-        try:
-            return await self._transition(
-                job_id, ACTIVE, Status.CANCELLED, "finished_at = ?, error = ?", (now(), "cancelled by request")
-            )
-        except TransitionError as exc:
-            raise TransitionError(f"{exc.message.split(';')[0]}; only pending or processing jobs can be cancelled") from None
-
-    async def retry(self, job_id: str) -> Job:
-        try:
-            return await self._transition(
-                job_id, [Status.FAILED, Status.CANCELLED], Status.PENDING,
-                "progress = 0, attempts = 0, error = NULL, result = NULL, started_at = NULL, "
-                "finished_at = NULL, run_after = 0",
-            )
-        except TransitionError as exc:
-            raise TransitionError(f"{exc.message.split(';')[0]}; only failed or cancelled jobs can be retried") from None
 
     async def requeue(
         self, job_id: str, *, refund: bool, delay_s: float = 0.0, error: str | None = None, _node: Any = ...
