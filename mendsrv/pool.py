@@ -212,7 +212,8 @@ class Dispatcher:
                 free.release()
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout=interval)
+                    async with asyncio.timeout(interval):  # never swallows a cancel, unlike 3.11's wait_for
+                        await wake.wait()
                 continue
             task = asyncio.create_task(self._execute(job), name=f"job-{job.id}")
             self._running[job.id] = _Running(job, task)

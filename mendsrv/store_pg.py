@@ -335,9 +335,17 @@ class PostgresStore(UserTransitions):
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        pending = set(self._tasks)
+        for _ in range(10):
+            # cancelled again while still running: Python 3.11's wait_for can swallow a
+            # cancellation that arrives as its inner call completes
+            for task in pending:
+                task.cancel()
+            if not pending:
+                break
+            _, pending = await asyncio.wait(pending, timeout=1)
+        if pending:
+            log.error("job store background tasks did not stop", extra={"tasks": len(pending)})
         self._tasks = []
         if self._registered and self._pool is not None:
             # a clean leave: this node's jobs were requeued by the dispatcher's stop
@@ -404,7 +412,7 @@ class PostgresStore(UserTransitions):
 
     async def _relay_loop(self) -> None:
         """Hand events written by other nodes to the local listeners, in id order."""
-        while True:
+        while not self._closing:
             await self._incoming_ready.wait()
             self._incoming_ready.clear()
             ids = sorted(set(self._incoming) - self._relayed)
@@ -435,7 +443,7 @@ class PostgresStore(UserTransitions):
 
     async def _heartbeat_loop(self) -> None:
         failing = False
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 try:

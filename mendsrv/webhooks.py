@@ -289,7 +289,8 @@ class WebhookSender:
                 timeout = self.poll_interval_s
             if timeout > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):  # never swallows a cancel, unlike 3.11's wait_for
+                        await self._wake.wait()
 
     async def _start_due(self) -> None:
         """Start an attempt for every due delivery not already in flight.
