@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import JobFailed, SourceNotFound, StorageError
+from .errors import JobFailed, StorageError
 from .logs import REQUEST_ID
 from .models import Event, Job, Status
 from .ops.base import Limits, Operation, Resource, RunContext
@@ -265,11 +265,7 @@ class Dispatcher:
         except BrokenProcessPool:
             await self._worker_died(job, workdir, extra)
             return
-        except SourceNotFound as exc:
-            await self._finish(self.store.fail(job.id, exc.message), extra)
-            log.info("job failed", extra=extra | {"status": "failed", "error": exc.message})
-            return
-        except StorageError as exc:
+        except StorageError as exc:  # transient; a missing source is a SourceNotFound, final
             await self._transient(job, exc.message, extra)
             return
         except JobFailed as exc:

@@ -128,13 +128,14 @@ def sniff(path: str) -> None:
             )
 
 
-def check_size(path: str, limits: Limits) -> int:
+def check_size(path: str, limits: Limits, kind: str = "a media file") -> int:
+    """The source's size, checked against limits.max_source_bytes (image and media alike)."""
     try:
         size = os.path.getsize(path)
     except OSError as exc:
         raise JobFailed(f"cannot read the source file: {exc.strerror}") from None
     if size == 0:
-        raise JobFailed("the source object is empty (0 bytes), not a media file")
+        raise JobFailed(f"the source object is empty (0 bytes), not {kind}")
     if size > limits.max_source_bytes:
         raise JobFailed(
             f"source is {size} bytes, over the {limits.max_source_bytes} byte limit "

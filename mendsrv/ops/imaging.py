@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..errors import JobFailed
+from ..probe import check_size
 from .base import RunContext
 
 # output format -> (libvips saver, MIME type)
@@ -225,17 +226,7 @@ def open_source(path: str, ctx: RunContext, *, all_frames: bool = False) -> Sour
     limit applies to all frames together.
     """
     pyvips = vips()
-    try:
-        nbytes = os.path.getsize(path)
-    except OSError as exc:
-        raise JobFailed(f"cannot read the source file: {exc.strerror}") from None
-    if nbytes == 0:
-        raise JobFailed("the source object is empty (0 bytes), not an image")
-    if nbytes > ctx.limits.max_source_bytes:
-        raise JobFailed(
-            f"the source is {nbytes} bytes, over the limit of {ctx.limits.max_source_bytes} bytes"
-            " (limits.max_source_bytes)"
-        )
+    nbytes = check_size(path, ctx.limits, "an image")
     svg = _read_svg(path, nbytes)
     try:
         if svg is not None:
