@@ -6,12 +6,13 @@ storage, event hub, webhook sender, dispatcher. No module-level singletons.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import health, http, metrics, swagger
+from . import health, http, logs, metrics, swagger
 from .config import Config
 from .events import EventHub
 from .keys import API_KEYS, CONFIG, DISPATCHER, EVENT_HUB, NODE, REGISTRY, STORAGE, STORE, WEBHOOKS
@@ -68,6 +69,14 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
     await sender.stop()
 
 
+async def _gather_logs(app: web.Application) -> None:
+    logs.gather_on(asyncio.get_running_loop())  # a log line per request: one write per loop turn
+
+
+async def _write_logs(app: web.Application) -> None:
+    logs.gather_on(None)
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
@@ -87,6 +96,8 @@ def create_app(config: Config) -> web.Application:
     # reach SSE subscribers and the webhook sender
     app.cleanup_ctx.extend([_store_ctx, _storage_ctx, _events_ctx, _webhooks_ctx, _dispatcher_ctx])
     app.on_shutdown.append(_end_streams)
+    app.on_startup.append(_gather_logs)
+    app.on_cleanup.append(_write_logs)  # after cleanup_ctx: its lines are written too
     http.setup_routes(app)
     app.on_response_prepare.append(http.echo_request_id)
     health.setup(app)

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ from .errors import BadRequest, MendError, NotFound, PayloadTooLarge, Unauthoriz
 from .keys import API_KEYS, CONFIG, DISPATCHER, REGISTRY, STORE
 from .logs import REQUEST_ID as REQUEST_ID_VAR
 from .metrics import METRICS
-from .models import Status, iso
+from .models import Status, iso, new_hex_id, new_uuid
 
 log = logging.getLogger("mendsrv.http")
 
@@ -49,7 +48,7 @@ def error_response(status: int, message: str, details: list[dict[str, Any]] | No
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-ID", "")
-    rid = incoming if 0 < len(incoming) <= 200 and incoming.isprintable() else uuid.uuid4().hex
+    rid = incoming if 0 < len(incoming) <= 200 and incoming.isprintable() else new_hex_id()
     request[REQUEST_ID] = rid
     token = REQUEST_ID_VAR.set(rid)  # every log line of this request carries it
     started = time.monotonic()
@@ -195,7 +194,7 @@ async def submit(request: web.Request) -> web.Response:
     if idem is not None and not (0 < len(idem) <= 255):
         raise BadRequest("Idempotency-Key must be 1-255 characters")
     job, created = await request.app[STORE].insert_job(
-        job_id=str(uuid.uuid4()),
+        job_id=new_uuid(),
         type=name,
         resource=op.resource.value,
         params=stored,

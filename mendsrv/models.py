@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 
@@ -29,11 +31,62 @@ def now() -> float:
     return time.time()
 
 
+@lru_cache(maxsize=4096)
+def _iso_seconds(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
 def iso(ts: float | None) -> str | None:
-    """Epoch seconds -> '2026-12-03T16:00:00.000Z'."""
+    """Epoch seconds -> '2026-12-03T16:00:00.000Z' (milliseconds, truncated)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+    seconds, ms = divmod(int(ts * 1000), 1000)
+    return f"{_iso_seconds(seconds)}.{ms:03d}Z"
+
+
+class _RandomIds:
+    """Random ids from the OS's random source, read 4 KiB at a time.
+
+    ``uuid.uuid4()`` makes one ``getrandom`` system call per id; a submission needs
+    two ids (the job's and the request's), and on a virtual machine a system call is
+    not cheap (bench/RESULTS.md). The bytes are the same kind ``uuid4`` uses.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buf = b""
+        self._pos = 0
+        os.register_at_fork(after_in_child=self._reset)  # a child never reuses the parent's bytes
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._buf, self._pos = b"", 0
+
+    def take(self, n: int) -> bytes:
+        with self._lock:
+            if self._pos + n > len(self._buf):
+                self._buf, self._pos = os.urandom(self.CHUNK), 0
+            self._pos += n
+            return self._buf[self._pos - n : self._pos]
+
+
+_RANDOM = _RandomIds()
+
+
+def new_uuid() -> str:
+    """A random (version 4) UUID in its canonical text form, like ``str(uuid.uuid4())``."""
+    b = bytearray(_RANDOM.take(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def new_hex_id() -> str:
+    """128 random bits as 32 hex digits (a request id)."""
+    return _RANDOM.take(16).hex()
 
 
 @dataclass

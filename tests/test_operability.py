@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mendsrv.config import SECTIONS, load_config
 from mendsrv.keys import DISPATCHER, STORE
-from mendsrv.logs import JsonFormatter, RequestIdFilter
+from mendsrv.logs import JsonFormatter, LineWriter, RequestIdFilter
 from mendsrv.metrics import METRICS
 from mendsrv.ops import REGISTRY
 
@@ -495,6 +495,66 @@ def test_logs_of_a_server_process_contain_no_api_key(server_process: Callable[..
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert sum(1 for e in lines if e["msg"] == "request") >= 5
     assert any(e["msg"] == "job completed" and e["request_id"] == "proc-rid" for e in lines)
+
+
+async def test_log_lines_of_one_loop_turn_are_written_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the server's loop the lines of a turn leave in one write, at the next turn;
+    an error, a line from another thread and the lines left at the end go out at once."""
+    import os
+    import threading
+
+    import mendsrv.logs
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(mendsrv.logs.os, "write", counting_write)
+    handler = LineWriter(write_fd)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("mendsrv.test.linewriter")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    def pipe_lines() -> list[dict[str, Any]]:
+        try:
+            data = os.read(read_fd, 1 << 16)
+        except BlockingIOError:
+            return []
+        return [json.loads(line) for line in data.decode().splitlines()]
+
+    try:
+        handler.gather_on(asyncio.get_running_loop())
+        for i in range(3):
+            logger.warning("turn line", extra={"n": i})
+        assert pipe_lines() == [] and writes == []  # gathered, not yet written
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert [e["n"] for e in pipe_lines()] == [0, 1, 2] and len(writes) == 1
+
+        logger.warning("before the error")
+        logger.error("an error")  # at once, after what was gathered
+        assert [e["msg"] for e in pipe_lines()] == ["before the error", "an error"]
+
+        thread = threading.Thread(target=lambda: logger.warning("from a thread"))
+        thread.start()
+        thread.join()
+        assert [e["msg"] for e in pipe_lines()] == ["from a thread"]
+
+        logger.warning("left at the end")
+        handler.gather_on(None)  # the app's cleanup does this
+        assert [e["msg"] for e in pipe_lines()] == ["left at the end"]
+        logger.warning("no loop")
+        assert [e["msg"] for e in pipe_lines()] == ["no loop"]
+    finally:
+        logger.removeHandler(handler)
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 # --- guides ---------------------------------------------------------------------------------
