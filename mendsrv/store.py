@@ -14,9 +14,9 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 import orjson
@@ -90,7 +90,44 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX delivery_attempts_job ON delivery_attempts (job_id, id);
     """,
+    # 2: the number of jobs in each status, kept by triggers. A submission checks the
+    # pending count against limits.max_queue and /metrics reports the counts; a
+    # count(*) over the index costs time in proportion to the jobs counted (2.4 ms at
+    # 60,000 pending jobs), and both run often.
+    """
+    CREATE TABLE job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO job_counts (status, n)
+        SELECT s.status, (SELECT count(*) FROM jobs WHERE jobs.status = s.status)
+        FROM (SELECT 'pending' AS status UNION ALL SELECT 'processing' UNION ALL SELECT 'completed'
+              UNION ALL SELECT 'failed' UNION ALL SELECT 'cancelled') AS s;
+    CREATE TRIGGER job_counts_insert AFTER INSERT ON jobs BEGIN
+        UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
+    END;
+    CREATE TRIGGER job_counts_update AFTER UPDATE OF status ON jobs WHEN OLD.status IS NOT NEW.status BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+        UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
+    END;
+    CREATE TRIGGER job_counts_delete AFTER DELETE ON jobs BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+    END;
+    """,
 ]
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration, split at the semicolons that end one (not at
+    those inside a trigger's body)."""
+    buffer = ""
+    for piece in script.split(";"):
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(" \n;"):
+                yield buffer.strip()
+            buffer = ""
+    if buffer.strip(" \n;"):
+        yield buffer.strip()
+
+_PENDING_COUNT = "SELECT n FROM job_counts WHERE status = 'pending'"  # kept by triggers: migration 2
 
 _JOB_COLUMNS = (
     "seq, id, type, resource, status, progress, params, request_id, created_at, started_at, "
@@ -110,6 +147,15 @@ def _job(row: Any) -> Job:
         result=_loads(row[13]), webhook_url=row[14], webhook_style=row[15], run_after=row[16],
         node=row[17],
     )
+
+
+class _Insert(NamedTuple):
+    """A submission waiting for its group commit."""
+
+    values: tuple[Any, ...]  # the INSERT's bound values, params as JSON
+    params: dict[str, Any]
+    max_queue: int | None
+    future: asyncio.Future[Job]
 
 
 class TransitionError(Conflict):
@@ -151,8 +197,9 @@ class Store(UserTransitions):
         self._lock = asyncio.Lock()
         self._listeners: list[Listener] = []
         # group commit of submissions (see _insert_grouped)
-        self._inserts: list[tuple[tuple[Any, ...], int | None, asyncio.Future[Job]]] = []
+        self._inserts: list[_Insert] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by _open; asking asyncio for it is a system call on 3.11
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -163,6 +210,7 @@ class Store(UserTransitions):
         return store
 
     async def _open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._w = await aiosqlite.connect(self.path, isolation_level=None)
@@ -188,7 +236,7 @@ class Store(UserTransitions):
         for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
             await w.execute("BEGIN IMMEDIATE")
             try:
-                for statement in filter(str.strip, sql.split(";")):
+                for statement in _statements(sql):
                     await w.execute(statement)
                 await w.execute("DELETE FROM schema_version")
                 await w.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
@@ -369,7 +417,7 @@ class Store(UserTransitions):
         created_at = now()
         if idempotency_key is None:
             values = (job_id, type, resource, orjson.dumps(params), request_id, created_at, webhook_url, webhook_style)
-            return await self._insert_grouped(values, max_queue), True
+            return await self._insert_grouped(values, params, max_queue), True
 
         async def tx(conn: aiosqlite.Connection) -> tuple[Job, list[Event]]:
             if idempotency_key is not None:
@@ -381,7 +429,7 @@ class Store(UserTransitions):
                         raise Conflict("this Idempotency-Key was already used with a different request")
                     return _job(row[:-1]), []
             if max_queue is not None:
-                row = await self._one(conn, "SELECT count(*) FROM jobs WHERE status = 'pending'", ())
+                row = await self._one(conn, _PENDING_COUNT, ())
                 if row[0] >= max_queue:
                     raise QueueFull.at(max_queue)
             row = await self._one(
@@ -412,12 +460,12 @@ class Store(UserTransitions):
 
     _BATCH_MAX = 200  # rows per statement: 8 bound values each, well under SQLite's limit
 
-    async def _insert_grouped(self, values: tuple[Any, ...], max_queue: int | None) -> Job:
-        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+    async def _insert_grouped(self, values: tuple[Any, ...], params: dict[str, Any], max_queue: int | None) -> Job:
+        future: asyncio.Future[Job] = self._loop.create_future()
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # caller gone: no warning
-        self._inserts.append((values, max_queue, future))
+        self._inserts.append(_Insert(values, params, max_queue, future))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_inserts(), name="store-group-commit")
+            self._flusher = self._loop.create_task(self._flush_inserts(), name="store-group-commit")
         return await asyncio.shield(future)  # like _write: a cancelled caller's job is still written
 
     async def _flush_inserts(self) -> None:
@@ -425,61 +473,58 @@ class Store(UserTransitions):
         while self._inserts:
             batch, self._inserts = self._inserts[: self._BATCH_MAX], self._inserts[self._BATCH_MAX :]
             try:
-                outcomes = await self._insert_batch(batch)
+                outcomes = await self._write_sync(lambda db, batch=batch: self._insert_batch_sync(db, batch))
             except Exception as exc:  # the whole transaction failed: every caller hears of it
                 log.exception("writing a batch of submissions failed")
                 outcomes = [exc] * len(batch)
-            for (_, _, future), outcome in zip(batch, outcomes, strict=True):
-                if future.done():
+            for insert, outcome in zip(batch, outcomes, strict=True):
+                if insert.future.done():
                     continue
                 if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
+                    insert.future.set_exception(outcome)
                 else:
-                    future.set_result(outcome)
-
-    async def _insert_batch(self, batch: list[tuple[tuple[Any, ...], int | None, asyncio.Future[Job]]]) -> list[Job | Exception]:
-        """One transaction for the batch, in one hop to the writer thread (see _write_sync)."""
-        outcomes: list[Job | Exception] = await self._write_sync(lambda db: self._insert_batch_sync(db, batch))
-        return outcomes
+                    insert.future.set_result(outcome)
 
     @staticmethod
-    def _insert_batch_sync(
-        db: sqlite3.Connection, batch: list[tuple[tuple[Any, ...], int | None, asyncio.Future[Job]]]
-    ) -> tuple[list[Job | Exception], list[Event]]:
+    def _insert_batch_sync(db: sqlite3.Connection, batch: list[_Insert]) -> tuple[list[Job | Exception], list[Event]]:
         outcomes: list[Job | Exception | None] = [None] * len(batch)
         pending = None
-        accepted: list[tuple[Any, ...]] = []
-        for index, (values, max_queue, _) in enumerate(batch):
-            if max_queue is not None:
+        accepted: list[tuple[int, _Insert]] = []
+        for index, insert in enumerate(batch):
+            if insert.max_queue is not None:
                 if pending is None:  # one count per batch, not per job
-                    pending = db.execute("SELECT count(*) FROM jobs WHERE status = 'pending'").fetchone()[0]
-                if pending >= max_queue:
-                    outcomes[index] = QueueFull.at(max_queue)
+                    pending = db.execute(_PENDING_COUNT).fetchone()[0]
+                if pending >= insert.max_queue:
+                    outcomes[index] = QueueFull.at(insert.max_queue)
                     continue
                 pending += 1
-            accepted.append(values)
-        jobs: dict[str, Job] = {}
+            accepted.append((index, insert))
         events: list[Event] = []
         if accepted:
+            # the job is built from what was submitted: only its seq comes back
             marks = ",".join(["(?, ?, ?, 'pending', ?, ?, ?, ?, ?)"] * len(accepted))
-            rows = db.execute(
+            seqs = dict(db.execute(
                 "INSERT INTO jobs (id, type, resource, status, params, request_id, created_at, webhook_url, "
-                f"webhook_style) VALUES {marks} RETURNING {_JOB_COLUMNS}",
-                [v for values in accepted for v in values],
-            ).fetchall()
-            jobs = {row[1]: _job(row) for row in rows}
+                f"webhook_style) VALUES {marks} RETURNING id, seq",
+                [v for _, insert in accepted for v in insert.values],
+            ).fetchall())
             at = now()
-            data = {job_id: job.resource_dict() for job_id, job in jobs.items()}
+            data = []
+            for index, insert in accepted:
+                job_id, type_, resource, _, request_id, created_at, webhook_url, webhook_style = insert.values
+                job = Job(id=job_id, seq=seqs[job_id], type=type_, resource=resource, status=Status.PENDING,
+                          params=insert.params, created_at=created_at, request_id=request_id,
+                          webhook_url=webhook_url, webhook_style=webhook_style)
+                outcomes[index] = job
+                data.append(job.resource_dict())
             marks = ",".join(["(?, 'status', ?, ?)"] * len(data))
-            rows = db.execute(
+            ids = db.execute(
                 f"INSERT INTO job_events (job_id, kind, data, at) VALUES {marks} RETURNING id, job_id",
-                [v for job_id, d in data.items() for v in (job_id, orjson.dumps(d), at)],
+                [v for d in data for v in (d["job_id"], orjson.dumps(d), at)],
             ).fetchall()
-            events = sorted((Event(id=r[0], job_id=r[1], kind="status", data=data[r[1]]) for r in rows),
+            by_job = {d["job_id"]: d for d in data}
+            events = sorted((Event(id=r[0], job_id=r[1], kind="status", data=by_job[r[1]]) for r in ids),
                             key=lambda e: e.id)
-        for index, (values, _, _) in enumerate(batch):
-            if outcomes[index] is None:
-                outcomes[index] = jobs[values[0]]
         return outcomes, events  # type: ignore[return-value]
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -511,7 +556,7 @@ class Store(UserTransitions):
         return [_job(r) for r in rows]
 
     async def count_by_status(self) -> dict[str, int]:
-        rows = await self._read("SELECT status, count(*) FROM jobs GROUP BY status")
+        rows = await self._read("SELECT status, n FROM job_counts")
         return {status.value: 0 for status in Status} | {r[0]: r[1] for r in rows}
 
     async def claim(self, resource: str, node: str) -> Job | None:

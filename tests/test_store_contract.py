@@ -91,6 +91,37 @@ async def test_store_queue_full_raises(store: Any) -> None:
         await add(store, max_queue=2)
 
 
+async def test_store_counts_follow_every_transition(store: Any) -> None:
+    """count_by_status (and the pending count limits.max_queue is checked against)
+    stays right through claim, complete, fail, requeue, cancel and retry."""
+    jobs = [await add(store) for _ in range(5)]
+
+    async def counts() -> dict[str, int]:
+        real = {s.value: 0 for s in Status}
+        for job in await store.list_jobs(limit=100):
+            real[job.status.value] += 1
+        reported = await store.count_by_status()
+        assert reported == real
+        return reported
+
+    assert await counts() == {"pending": 5, "processing": 0, "completed": 0, "failed": 0, "cancelled": 0}
+    claimed = [await store.claim("cpu", NODE) for _ in range(4)]
+    await store.complete(claimed[0].id, {"outputs": []})
+    await store.fail(claimed[1].id, "broken")
+    await store.requeue(claimed[2].id, refund=True)
+    await store.cancel(jobs[4].id)
+    assert await counts() == {"pending": 1, "processing": 1, "completed": 1, "failed": 1, "cancelled": 1}
+    await store.retry(claimed[1].id)
+    await store.retry(jobs[4].id)
+    assert await counts() == {"pending": 3, "processing": 1, "completed": 1, "failed": 0, "cancelled": 0}
+    # the queue limit counts pending jobs only: 3 are pending, so a limit of 4 takes one more
+    await add(store, max_queue=4)
+    with pytest.raises(QueueFull):
+        await add(store, max_queue=4)
+    await store.claim("cpu", NODE)
+    await add(store, max_queue=4)
+
+
 async def test_store_guarded_transitions_raise(store: Any) -> None:
     job = await add(store)
     with pytest.raises(TransitionError, match="pending; it cannot become completed"):
@@ -236,3 +267,33 @@ async def test_store_concurrent_claims_take_each_job_once(store: Any) -> None:
 
     await asyncio.gather(*(worker() for _ in range(4)))
     assert sorted(claimed) == sorted(ids)
+
+
+async def test_sqlite_store_upgrade_counts_the_jobs_already_there(tmp_path: Path) -> None:
+    """A database made by the first schema gets its job counts on upgrade, and they
+    follow later transitions: nothing has to be recounted by hand."""
+    import sqlite3
+
+    from mendsrv.store import MIGRATIONS, _statements
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for statement in _statements(MIGRATIONS[0]):
+        db.execute(statement)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version (version) VALUES (1)")
+    for i, status in enumerate(["pending", "pending", "completed", "failed", "processing"]):
+        db.execute(
+            "INSERT INTO jobs (id, type, resource, status, params, created_at) VALUES (?, 'image/resize', 'cpu', ?, '{}', ?)",
+            (f"old-{i}", status, time.time()),
+        )
+    db.close()
+    store = await open_store(str(path))
+    try:
+        assert await store.count_by_status() == {"pending": 2, "processing": 1, "completed": 1, "failed": 1, "cancelled": 0}
+        await store.cancel("old-0")
+        await add(store)
+        assert await store.count_by_status() == {"pending": 2, "processing": 1, "completed": 1, "failed": 1, "cancelled": 1}
+        assert (await store._read("SELECT version FROM schema_version"))[0][0] == len(MIGRATIONS)
+    finally:
+        await store.close()
