@@ -309,14 +309,20 @@ async def list_operations(request: web.Request) -> web.Response:
 
 
 def setup_routes(app: web.Application) -> None:
+    # Submissions first, their family spelled out: aiohttp tries the routes under
+    # /api/v1/jobs in order, each a coroutine and a regular expression, and submissions
+    # are the most frequent request. No job id is a family name.
+    families = "|".join(sorted({name.split("/")[0] for name in app[REGISTRY]}))
+    app.router.add_post(API + "/jobs/{family:" + families + "}/{operation}", submit)
     app.router.add_get(f"{API}/operations", list_operations)
     app.router.add_get(f"{API}/jobs", list_jobs)
     app.router.add_get(API + "/jobs/{job_id}", get_job)
     app.router.add_post(API + "/jobs/{job_id}/cancel", cancel_job)
     app.router.add_post(API + "/jobs/{job_id}/retry", retry_job)
-    # after the job routes: /jobs/<id>/cancel must not read as family/operation
-    app.router.add_post(API + "/jobs/{family}/{operation}", submit)
     app.router.add_get(API + "/jobs/{job_id}/deliveries", list_deliveries)
     from .sse import stream_job  # sse builds on this module
 
     app.router.add_get(API + "/jobs/{job_id}/stream", stream_job)
+    # any other family, after the job routes (/jobs/<id>/cancel must not read as
+    # family/operation): the answer names the unknown operation
+    app.router.add_post(API + "/jobs/{family}/{operation}", submit)

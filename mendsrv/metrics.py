@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -104,6 +105,7 @@ class Metrics:
             buckets=HTTP_BUCKETS,
             registry=r,
         )
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         for result in WEBHOOK_RESULTS:
             self.webhook_deliveries.labels(result)
         for name in operation_types or []:
@@ -141,8 +143,15 @@ class Metrics:
             self.sse_client_disconnected()
 
     def observe_request(self, method: str, route: str, status: int, duration_s: float) -> None:
-        self.http_requests.labels(method, route, str(status)).inc()
-        self.http_duration.labels(method, route).observe(duration_s)
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:  # looking the labelled children up costs a lock and a tuple each time
+            children = self._request_children[key] = (
+                self.http_requests.labels(method, route, str(status)),
+                self.http_duration.labels(method, route),
+            )
+        children[0].inc()
+        children[1].observe(duration_s)
 
     # --- store events ------------------------------------------------------------------
 

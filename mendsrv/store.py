@@ -466,7 +466,9 @@ class Store(UserTransitions):
         self._inserts.append(_Insert(values, params, max_queue, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = self._loop.create_task(self._flush_inserts(), name="store-group-commit")
-        return await asyncio.shield(future)  # like _write: a cancelled caller's job is still written
+        # a cancelled caller cancels only its future: the job stays in the batch and is
+        # still written (as with _write), and the flusher skips the done future
+        return await future
 
     async def _flush_inserts(self) -> None:
         """Write queued submissions, one transaction per batch, until none are left."""

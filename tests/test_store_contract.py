@@ -297,3 +297,28 @@ async def test_sqlite_store_upgrade_counts_the_jobs_already_there(tmp_path: Path
         assert (await store._read("SELECT version FROM schema_version"))[0][0] == len(MIGRATIONS)
     finally:
         await store.close()
+
+
+async def test_sqlite_store_group_commit_writes_every_submission(tmp_path: Path) -> None:
+    """Concurrent submissions share transactions; each caller gets its own job, and a
+    caller cancelled while it waits does not take its job out of the batch."""
+    store = await open_store(str(tmp_path / "mend.db"))
+    try:
+        ids = [str(uuid.uuid4()) for _ in range(60)]
+        tasks = [asyncio.create_task(add(store, job_id=job_id, request_id=f"r{i}")) for i, job_id in enumerate(ids)]
+        await asyncio.sleep(0)  # every task is waiting for its batch
+        for task in tasks[::3]:
+            task.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        jobs = [j for j in done if not isinstance(j, BaseException)]
+        assert len(jobs) == 40 and all(isinstance(d, asyncio.CancelledError) for d in done[::3])
+        assert [j.id for j in jobs] == [job_id for i, job_id in enumerate(ids) if i % 3]
+        assert all(j.request_id == f"r{ids.index(j.id)}" and j.params == {"width": 10, "b": [1, 2]} for j in jobs)
+        stored = await store.list_jobs(limit=100)
+        assert sorted(j.id for j in stored) == sorted(ids)  # the cancelled callers' jobs too
+        assert len({j.seq for j in stored}) == 60
+        assert (await store.count_by_status())["pending"] == 60
+        events = {e.job_id for job_id in ids for e in await store.events_after(job_id)}
+        assert events == set(ids)  # each job has its "pending" event
+    finally:
+        await store.close()
