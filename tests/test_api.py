@@ -32,6 +32,30 @@ async def test_submit_reference_body_and_location(client: Any, buckets: Path) ->
     assert job["created_at"].endswith("Z") and job["finished_at"] >= job["started_at"] >= job["created_at"]
 
 
+async def test_job_ids_are_uuids_in_submission_order(client: Any, buckets: Path) -> None:
+    """Job ids are version 7 UUIDs: unique, canonical, and later jobs sort after
+    earlier ones; a request without X-Request-ID gets a 32-hex-digit one."""
+    import re
+    import uuid
+
+    ids, request_ids = [], []
+    for _ in range(3):
+        resp = await client.post("/api/v1/jobs/image/resize", json=job_body(width=8), headers=AUTH)
+        assert resp.status == 202
+        ids.append((await resp.json())["job_id"])
+        request_ids.append(resp.headers["X-Request-ID"])
+        await asyncio.sleep(0.003)  # the id's clock has millisecond steps
+    burst = await asyncio.gather(*(client.post("/api/v1/jobs/image/resize", json=job_body(width=8), headers=AUTH) for _ in range(50)))
+    ids += [(await r.json())["job_id"] for r in burst]
+    assert len(set(ids)) == 53
+    for job_id in ids:
+        parsed = uuid.UUID(job_id)
+        assert str(parsed) == job_id and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert ids[:3] == sorted(ids[:3]) and max(ids[:3]) < min(ids[3:])
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in request_ids) and request_ids == sorted(request_ids)
+    assert (await (await client.get(f"/api/v1/jobs/{ids[0]}", headers=AUTH)).json())["request_id"] == request_ids[0]
+
+
 async def test_auth_both_headers_and_401(client: Any) -> None:
     assert (await client.get("/api/v1/jobs", headers=AUTH)).status == 200
     assert (await client.get("/api/v1/jobs", headers={"Authorization": "Bearer test-key"})).status == 200
