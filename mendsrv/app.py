@@ -80,12 +80,7 @@ async def _write_logs(app: web.Application) -> None:
 def create_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[
-            http.request_id_middleware,
-            metrics.metrics_middleware,
-            http.error_middleware,
-            http.auth_middleware,
-        ],
+        middlewares=[http.request_middleware, http.auth_middleware],
     )
     app[CONFIG] = config
     app[API_KEYS] = [k.encode() for k in config.auth.api_keys]

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from .errors import BadRequest, MendError, NotFound, PayloadTooLarge, Unauthorized
 from .keys import API_KEYS, CONFIG, DISPATCHER, REGISTRY, STORE
 from .logs import REQUEST_ID as REQUEST_ID_VAR
-from .metrics import METRICS
+from .metrics import METRICS, request_done
 from .models import Status, iso, new_hex_id, new_uuid
 
 log = logging.getLogger("mendsrv.http")
@@ -46,21 +46,38 @@ def error_response(status: int, message: str, details: list[dict[str, Any]] | No
 
 
 @web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Each request's frame, in one middleware (every middleware is one more coroutine
+    per request): its id (``X-Request-ID``, kept from the client or made here, and in
+    the context of every log line it causes), the ``{"error": …}`` answer of every
+    failure, its metrics and its log line."""
     incoming = request.headers.get("X-Request-ID", "")
     rid = incoming if 0 < len(incoming) <= 200 and incoming.isprintable() else new_hex_id()
     request[REQUEST_ID] = rid
     token = REQUEST_ID_VAR.set(rid)  # every log line of this request carries it
     started = time.monotonic()
-    response: web.StreamResponse | None = None
+    status = 500  # unless a response says otherwise (a cancelled request has none)
     try:
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except MendError as exc:
+            response = error_response(exc.status, exc.message, exc.details)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                status = exc.status
+                raise
+            response = _http_error(request, exc)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": rid, "path": request.path})
+            response = error_response(500, "internal server error; the server log has details")
+        status = response.status
+        if not response.prepared:
+            response.headers["X-Request-ID"] = rid
         return response
     finally:
         REQUEST_ID_VAR.reset(token)
-        status = response.status if response is not None else 500
-        if response is not None and not response.prepared:
-            response.headers["X-Request-ID"] = rid
+        duration = time.monotonic() - started
+        request_done(request, status, duration)
         log.info(
             "request",
             extra={
@@ -68,7 +85,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
                 "method": request.method,
                 "path": request.path,
                 "status": status,
-                "duration_ms": round((time.monotonic() - started) * 1000, 2),
+                "duration_ms": round(duration * 1000, 2),
             },
         )
 
@@ -79,36 +96,16 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
         response.headers["X-Request-ID"] = request[REQUEST_ID]
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place domain errors and HTTP exceptions become {"error": …}."""
-    try:
-        return await handler(request)
-    except MendError as exc:
-        return _with_rid(request, error_response(exc.status, exc.message, exc.details))
-    except web.HTTPRequestEntityTooLarge:
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own 4xx/5xx (no route, wrong method, body too large) in the error shape."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.app[CONFIG].server.max_body_bytes
-        return _with_rid(request, error_response(413, f"request body is larger than {limit} bytes (server.max_body_bytes)"))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = {404: "no such route", 405: f"method {request.method} is not allowed here"}.get(
-            exc.status, exc.reason
-        )
-        resp = error_response(exc.status, message)
-        for name in ("Allow",):
-            if name in exc.headers:
-                resp.headers[name] = exc.headers[name]
-        return _with_rid(request, resp)
-    except Exception:
-        log.exception("unhandled error", extra={"request_id": request.get(REQUEST_ID), "path": request.path})
-        return _with_rid(request, error_response(500, "internal server error; the server log has details"))
-
-
-def _with_rid(request: web.Request, response: web.Response) -> web.Response:
-    if REQUEST_ID in request:
-        response.headers["X-Request-ID"] = request[REQUEST_ID]
-    return response
+        return error_response(413, f"request body is larger than {limit} bytes (server.max_body_bytes)")
+    message = {404: "no such route", 405: f"method {request.method} is not allowed here"}.get(exc.status, exc.reason)
+    resp = error_response(exc.status, message)
+    if "Allow" in exc.headers:
+        resp.headers["Allow"] = exc.headers["Allow"]
+    return resp
 
 
 def presented_key(request: web.Request) -> str | None:

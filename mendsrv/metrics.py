@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -47,7 +46,6 @@ from .pool import Dispatcher
 
 log = logging.getLogger("mendsrv.metrics")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 14400)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -192,22 +190,12 @@ def route_label(request: web.Request) -> str:
     return resource.canonical if resource is not None else UNMATCHED
 
 
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.monotonic()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        metrics = request.app[METRICS]
-        if request.get(SSE_OPEN):
-            metrics.sse_client_disconnected()
-        metrics.observe_request(request.method, route_label(request), status, time.monotonic() - started)
+def request_done(request: web.Request, status: int, duration_s: float) -> None:
+    """Count a finished request; ``http.request_middleware`` calls it once per request."""
+    metrics = request.app[METRICS]
+    if request.get(SSE_OPEN):
+        metrics.sse_client_disconnected()
+    metrics.observe_request(request.method, route_label(request), status, duration_s)
 
 
 async def _count_event_streams(request: web.Request, response: web.StreamResponse) -> None:
@@ -257,7 +245,8 @@ async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
 def setup(app: web.Application) -> None:
     """Create the app's metrics, feed them from the store and serve ``GET /metrics``.
 
-    The middleware ``metrics_middleware`` must be in the app's middleware list.
+    ``http.request_middleware`` must be in the app's middleware list: it reports each
+    request through ``request_done``.
     """
     app[METRICS] = Metrics(sorted(app[REGISTRY]))
     app.cleanup_ctx.append(_listener_ctx)
