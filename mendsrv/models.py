@@ -147,3 +147,4 @@ class Event:
     kind: str  # "status" | "progress"
     data: dict[str, Any]
     terminal: bool = False
+    delivery: bool = False  # a webhook delivery was written with it (this node's own write)

@@ -11,6 +11,7 @@ the dispatcher) are told about each event after the commit.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -393,6 +394,7 @@ class Store(UserTransitions):
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (job.id, events[0].id, f"job.{to.value}", job.webhook_url, job.webhook_style, now(), now()),
                 )
+                events = [dataclasses.replace(events[0], delivery=True)]
             return job, events
 
         return await self._write_sync(tx)

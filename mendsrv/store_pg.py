@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -622,6 +623,7 @@ class PostgresStore(UserTransitions):
                     "VALUES ($1, $2, $3, $4, $5, $6, $7)",
                     job.id, events[0].id, f"job.{to.value}", job.webhook_url, job.webhook_style, now(), now(),
                 )
+                events = [dataclasses.replace(events[0], delivery=True)]
             return job, events
 
         return await self._write(tx, persist=owned)

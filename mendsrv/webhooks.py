@@ -2,10 +2,10 @@
 
 The store writes a ``deliveries`` row in the same transaction as a job's terminal
 transition (an outbox), so a delivery is never lost, across SIGTERM or SIGKILL. The
-sender polls ``store.due_deliveries`` (at start, after each attempt, when a terminal
-event is committed, and every few seconds) and POSTs each due one. Only a 2xx answer
-counts; anything else is retried with exponential backoff (``RetryPolicy``) until
-``webhooks.max_attempts``. Every attempt is recorded (``store.record_attempt``).
+sender polls ``store.due_deliveries`` (at start, after each attempt, when this node
+commits a terminal event that wrote a delivery, and every few seconds) and POSTs each
+due one. Only a 2xx answer counts; anything else is retried with exponential backoff
+(``RetryPolicy``) until ``webhooks.max_attempts``. Every attempt is recorded (``store.record_attempt``).
 
 Requests are signed the Standard Webhooks way when ``webhooks.secret`` is set.
 Targets whose address is loopback, private, link-local, multicast, reserved,
@@ -270,7 +270,7 @@ class WebhookSender:
             self._session = None
 
     def _on_event(self, event: Event) -> None:
-        if event.terminal:
+        if event.delivery:  # other events leave nothing to send: no reads on their account
             self.wake()
 
     def wake(self) -> None:

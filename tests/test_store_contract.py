@@ -207,12 +207,17 @@ async def test_store_events_after_replays_transitions_in_order(store: Any) -> No
 
 
 async def test_store_terminal_webhook_jobs_get_a_delivery(store: Any) -> None:
+    heard: list[Event] = []
+    store.add_listener(heard.append)
     plain = await add(store)
     hooked = await add(store, webhook_url="http://127.0.0.1:9/hook", webhook_style="discord")
     for _ in (plain, hooked):
         await store.claim("cpu", NODE)
     await store.complete(plain.id, {"outputs": []})
     await store.fail(hooked.id, "image is too large")
+    # the terminal event that wrote a delivery says so (it wakes the webhook sender); no other does
+    assert [(e.job_id, e.data["status"]) for e in heard if e.delivery] == [(hooked.id, "failed")]
+    assert any(e.terminal and e.job_id == plain.id for e in heard)
     due = await store.due_deliveries()
     assert len(due) == 1
     d = due[0]
@@ -230,6 +235,7 @@ async def test_store_terminal_webhook_jobs_get_a_delivery(store: Any) -> None:
     await store.cancel(cancelled.id)
     (c,) = await store.due_deliveries()
     assert c["event"] == "job.cancelled"
+    assert heard[-1].delivery and heard[-1].job_id == cancelled.id
     await store.record_attempt(c["id"], status_code=204, error=None, delivered=True, next_retry_at=None)
     assert await store.due_deliveries() == []
     assert [a["status_code"] for a in await store.list_attempts(cancelled.id)] == [204]
