@@ -4,7 +4,9 @@ Two lanes claim pending jobs in FIFO order: the ``cpu`` lane runs pyvips operati
 in a ``ProcessPoolExecutor`` (spawn context: forking an initialised libvips can hang),
 the ``ffmpeg`` lane runs coroutines that drive ffmpeg children. Downloads and uploads
 are asyncio steps around the CPU work, so a lane may hold a few more jobs than it has
-processes: the next source is fetched while the CPU is busy.
+processes: the next source is fetched while the CPU is busy, and a fetched job goes to
+the pool at once, where it waits in the pool's own queue, so a worker that finishes a
+job starts the next without a round trip through the event loop.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def _worker_init(vips_concurrency: int = 0) -> None:
 
 def _worker_run(op_name: str, src: str, dst: str, params: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     """Entry point in a worker process: look the operation up and run it."""
+    # A job cancelled while it waited in the pool's queue has lost its directory: this
+    # raises (to nobody) instead of running it.
     Path(dst).parent.joinpath(_PID_FILE).write_text(str(os.getpid()))
     from .ops import REGISTRY
 
@@ -108,7 +112,6 @@ class Dispatcher:
         self.ffmpeg = cfg.workers.ffmpeg_path or _bundled_ffmpeg()
         self.temp_root = cfg.storage.temp_dir or tempfile.gettempdir()
         self._executor: ProcessPoolExecutor | None = None
-        self._cpu = asyncio.Semaphore(self.processes)
         self._ffmpeg = asyncio.Semaphore(cfg.workers.ffmpeg_jobs)
         self._wake = {r.value: asyncio.Event() for r in Resource}
         self._running: dict[str, _Running] = {}
@@ -387,13 +390,13 @@ class Dispatcher:
                 ctx.sources[name] = path
         await self.store.set_progress(job.id, 10, "processing")
         if op.resource is Resource.CPU:
-            async with self._cpu:
-                executor = self._executor
-                assert executor is not None
-                if job.id in self._running:
-                    self._running[job.id].executor = executor
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(executor, _worker_run, op.name, src, dst, p, ctx)
+            # no semaphore: the lane's slots bound what waits in the pool's queue
+            executor = self._executor
+            assert executor is not None
+            if job.id in self._running:
+                self._running[job.id].executor = executor
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(executor, _worker_run, op.name, src, dst, p, ctx)
         else:
             async with self._ffmpeg:
                 model = op.model.model_validate(p)

@@ -93,3 +93,26 @@ async def test_pool_after_a_timeout_the_next_job_runs_on_a_fresh_pool(config_fac
     assert quick["status"] == "completed" and quick["attempts"] == 1
     with pytest.raises(ProcessLookupError):
         os.kill(first_pid, 0)  # the timed-out job's worker is gone
+
+
+async def test_pool_job_cancelled_while_queued_for_a_worker_never_runs(config_factory: Any, client_factory: Any, buckets: Path, tmp_path: Path) -> None:
+    # one worker busy; the next job is fetched and handed to the pool, where it waits
+    client = await client_factory(config_factory(workers={"processes": 1}))
+    write_jpeg(buckets / "media" / "big.jpg", 6000, 6000, Q=98)
+    write_jpeg(buckets / "media" / "small.jpg", 64, 64)
+    busy = await _submit(client, source_key="big.jpg", dest_key="busy.avif", width=3000)  # seconds of AV1 encoding
+    await _worker_pid(tmp_path / "tmp")
+    queued = await _submit(client, source_key="small.jpg", dest_key="queued.jpg", width=8)
+    deadline = time.monotonic() + 20
+    while (await (await client.get(f"/api/v1/jobs/{queued}", headers=AUTH)).json())["progress"] < 10:
+        assert time.monotonic() < deadline, "the queued job was never fetched"
+        await asyncio.sleep(0.01)
+    resp = await client.post(f"/api/v1/jobs/{queued}/cancel", headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    assert (await wait_for_job(client, busy, timeout=60))["status"] == "completed"
+    after = await wait_for_job(client, await _submit(client, source_key="small.jpg", dest_key="after.jpg", width=8))
+    assert after["status"] == "completed"
+    job = await wait_for_job(client, queued)
+    assert job["status"] == "cancelled" and job["result"] is None
+    assert not (buckets / "media" / "queued.jpg").exists()
+    assert list((tmp_path / "tmp").glob("mend-*")) == []  # no job directory left behind
