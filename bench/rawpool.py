@@ -12,14 +12,18 @@ def _init() -> None:
     import pyvips
 
     pyvips.concurrency_set(VIPS_CONCURRENCY)
+    pyvips.cache_set_max(0)  # as mendsrv's workers (each job there reads a new file)
 
 
 def thumbnail(src: str, dst: str, width: int, height: int) -> int:
     import pyvips
 
     image = pyvips.Image.thumbnail(src, width, height=height, size="down")
-    # metadata stripped but the ICC profile kept: the file mendsrv writes by default
-    image.write_to_file(dst, keep=pyvips.enums.ForeignKeep.ICC)
+    # the file mendsrv writes by default, byte for byte: metadata stripped but the ICC
+    # profile kept, optimised Huffman tables (JPEG: about a fifth smaller, a few per cent
+    # more CPU)
+    opts = {"optimize_coding": True} if dst.lower().endswith((".jpg", ".jpeg")) else {}
+    image.write_to_file(dst, keep=pyvips.enums.ForeignKeep.ICC, **opts)
     return int(image.width)
 
 
