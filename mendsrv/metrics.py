@@ -20,6 +20,7 @@ Hooks for other parts of the server, through ``app[METRICS]`` (``from .metrics i
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
@@ -63,6 +64,12 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
+        frozen = Gauge(
+            "mend_gc_frozen_objects",
+            "Objects alive at start-up, moved out of the garbage collector's sight (gc.freeze)",
+            registry=r,
+        )
+        frozen.set_function(gc.get_freeze_count)
         self.info = Gauge("mend_build_info", "mendsrv version", ["version"], registry=r)
         self.info.labels(__version__).set(1)
         self.jobs_submitted = Counter(

@@ -94,6 +94,18 @@ async def test_process_sigterm_drains_and_exits_zero(server_process: Any, tmp_pa
     assert all(j["status"] == "completed" and j["attempts"] == 1 for j in jobs)
 
 
+async def test_process_freezes_its_start_up_heap(server_process: Any, http: Any) -> None:
+    """The server process moves what start-up left alive out of the collector's sight
+    (full collections walked it all, stopping the event loop for 40-100 ms)."""
+    server = server_process().start()
+    async with http.get(f"{server.url}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    frozen = [line for line in text.splitlines() if line.startswith("mend_gc_frozen_objects ")]
+    assert frozen, "mend_gc_frozen_objects is missing from /metrics"
+    assert float(frozen[0].split()[1]) > 10_000  # modules, models, clients: far more than this
+
+
 def _mendsrv(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mendsrv", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
