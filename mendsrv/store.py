@@ -274,9 +274,16 @@ class Store(UserTransitions):
     # --- helpers -------------------------------------------------------------------
 
     async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Run a query on the reader connection and fetch every row, in one hop.
+
+        Never as execute, then fetch: between the two hops the statement is open, and
+        an open statement holds its read snapshot. Other reads queued meanwhile, and
+        the next read after a caller cancelled between the hops (aiosqlite's thread
+        keeps the last cursor it made), saw the database as it was before it: a job
+        accepted a moment earlier answered 404.
+        """
         assert self._r is not None, "store is closed"
-        async with self._r.execute(sql, args) as cur:
-            return list(await cur.fetchall())
+        return list(await self._r.execute_fetchall(sql, args))
 
     async def _write(self, fn: Callable[[aiosqlite.Connection], Any]) -> Any:
         """Run ``fn(conn)`` (a coroutine function) as one IMMEDIATE transaction.

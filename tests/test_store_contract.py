@@ -328,3 +328,18 @@ async def test_sqlite_store_group_commit_writes_every_submission(tmp_path: Path)
         assert events == set(ids)  # each job has its "pending" event
     finally:
         await store.close()
+
+
+async def test_store_reads_see_every_commit_after_cancelled_reads(store: Any) -> None:
+    """A read whose caller was cancelled (a client that went away) must not leave the
+    store reading an old snapshot: a job accepted afterwards is found at once."""
+    await add(store)
+    readers = [asyncio.create_task(store.list_jobs(limit=10)) for _ in range(20)]
+    await asyncio.sleep(0)  # every read is on its way to the database
+    for task in readers:
+        task.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    await asyncio.sleep(0.05)  # the database side of the cancelled reads has run
+    job = await add(store)
+    assert await store.get_job(job.id) is not None
+    assert job.id in [j.id for j in await store.list_jobs(limit=10)]
