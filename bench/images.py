@@ -2,10 +2,10 @@
 
 mendsrv (2 worker processes) on local directory storage and on S3 (moto server in its
 own process) against the raw limit: the same ``pyvips.Image.thumbnail`` call in a bare
-ProcessPoolExecutor of the same size on the same files, writing the same bytes (the run
-checks it: same encoder options, ICC kept, Huffman tables optimised). Both are warmed first (worker
-processes spawned, files in the page cache); each side runs ``rounds`` times and the
-best round counts (the machine is shared).
+ProcessPoolExecutor of the same size on the same files, writing the same bytes (the
+run checks it: same encoder options, ICC kept, Huffman tables optimised). Both are
+warmed first (worker processes spawned, files in the page cache); each side runs
+``rounds`` times and the best round counts (the machine is shared).
 """
 
 from __future__ import annotations

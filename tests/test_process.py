@@ -96,7 +96,7 @@ async def test_process_sigterm_drains_and_exits_zero(server_process: Any, tmp_pa
 
 async def test_process_freezes_its_start_up_heap(server_process: Any, http: Any) -> None:
     """The server process moves what start-up left alive out of the collector's sight
-    (full collections walked it all, stopping the event loop for 40-100 ms)."""
+    (full collections walked it all, stopping the event loop for 60-110 ms)."""
     server = server_process().start()
     async with http.get(f"{server.url}/metrics") as resp:
         assert resp.status == 200
